@@ -1,0 +1,57 @@
+# Every target sets itself up: a fresh clone needs only `make convert-bit` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL := 2
+export TF_ENABLE_ONEDNN_OPTS := 0
+
+CKPT ?=
+OUT  ?= out
+DTYPE ?= float32
+
+.PHONY: setup test test-all fuzz convert-bit convert-data2vec parity eval bench bench-eval publish catalog clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[jax,tensorflow,test]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "" 
+
+fuzz: setup
+	$(PY) -m pytest -q -m fuzz_long tests
+
+convert-bit: setup
+	$(VENV)/bin/parityport convert $(or $(CKPT),BiT-M-R50x1-ILSVRC2012) --out $(OUT)/$(notdir $(basename $(or $(CKPT),BiT-M-R50x1-ILSVRC2012))) --dtype $(DTYPE) --force --offline-default
+
+convert-data2vec: setup
+	$(VENV)/bin/parityport convert $(or $(CKPT),data2vec-vision-base-ft1k) --out $(OUT)/$(notdir $(basename $(or $(CKPT),data2vec-vision-base-ft1k))) --dtype $(DTYPE) --force --offline-default
+
+parity: setup
+	$(VENV)/bin/parityport parity $(SRC) $(DIR)
+
+eval: setup
+	$(VENV)/bin/parityport eval --model $(MODEL) --data $(DATA) $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(EXPECT),--expect $(EXPECT))
+
+bench: setup
+	$(PY) -m parity.bench_convert
+
+bench-eval: setup
+	$(PY) -m parity.bench_eval
+
+publish: setup
+	$(VENV)/bin/parityport publish $(DIR) --repo-id $(REPO) $(if $(DRY_RUN),--dry-run)
+
+catalog: setup
+	$(VENV)/bin/parityport catalog
+
+clean:
+	rm -rf $(OUT) .pytest_cache

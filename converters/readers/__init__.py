@@ -1,0 +1,1 @@
+"""Readers: one container format each; none knows a model family."""
