@@ -224,3 +224,20 @@ def convert(checkpoint: Checkpoint, id2label: dict[int, str] | None = None) -> C
                  "transformers' WeightStandardizedConv2d uses 1e-8 (measured effect in the parity table).")
     return Conversion("bit", spec.name, mapped.tensors, config, preprocessor_config(),
                       mapped.dropped, notes)
+
+
+def source_arrays(checkpoint: Checkpoint) -> dict[str, "np.ndarray"]:
+    """The original arrays under npz names and layouts, for the source-side reference.
+
+    `.h5` weights are named by position and the Dense head (C,K) becomes the
+    npz's (1,1,C,K) `head/conv2d`; `standardized_conv2d_N` spellings are normalised.
+    """
+    if checkpoint.format == "keras-h5":
+        tensors = name_h5_positions(checkpoint)
+    else:
+        tensors = normalise_npz_names(checkpoint.tensors)[0]
+    arrays = {k: t.load() for k, t in tensors.items()}
+    if "resnet/head/dense/kernel" in arrays:
+        arrays["resnet/head/conv2d/kernel"] = arrays.pop("resnet/head/dense/kernel")[None, None]
+        arrays["resnet/head/conv2d/bias"] = arrays.pop("resnet/head/dense/bias")
+    return arrays

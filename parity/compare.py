@@ -1,0 +1,97 @@
+"""Compare named taps between a reference side and another side.
+
+Each tap is judged by its max-abs error against a tolerance made of an absolute
+part and a part relative to the tap's scale (the max |reference| value), so a
+residual stream of magnitude 150 and logits of magnitude 1 are judged fairly.
+`max_rel` is max-abs divided by that scale; `cosine` is over the whole tap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass when max_abs <= atol + rtol * scale."""
+
+    atol: float
+    rtol: float
+
+    def limit(self, scale: float) -> float:
+        return self.atol + self.rtol * scale
+
+
+# Per output dtype: (intermediate taps, logits). fp32 logits are held to 1e-4
+# absolute; stored bf16/fp16 weights are judged relative to each tap's scale
+# (bf16 keeps 8 mantissa bits, ~4e-3 per weight; errors grow with depth).
+TOLERANCES: dict[str, tuple[Tolerance, Tolerance]] = {
+    "float32": (Tolerance(1e-5, 1e-4), Tolerance(1e-4, 0.0)),
+    "float16": (Tolerance(0.0, 1e-2), Tolerance(0.0, 1e-2)),
+    "bfloat16": (Tolerance(0.0, 6e-2), Tolerance(0.0, 6e-2)),
+}
+
+
+def tolerance_for(tap: str, dtype: str) -> Tolerance:
+    """The tolerance of `tap` for weights stored as `dtype` (logits have their own)."""
+    inner, logits = TOLERANCES[dtype]
+    return logits if tap == "logits" else inner
+
+
+@dataclass(frozen=True)
+class TapResult:
+    """One tap of one input, one side against the reference."""
+
+    tap: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    cosine: float
+    scale: float
+    limit: float
+    passed: bool
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def compare_tap(tap: str, reference: np.ndarray, other: np.ndarray, tolerance: Tolerance) -> TapResult:
+    """Max-abs, max-rel (to the tap's scale) and cosine of `other` against `reference`."""
+    ref = np.asarray(reference, np.float64)
+    got = np.asarray(other, np.float64)
+    if ref.shape != got.shape:
+        return TapResult(tap, tuple(ref.shape), float("inf"), float("inf"), 0.0,
+                         float(np.abs(ref).max(initial=0)), tolerance.limit(0), False)
+    diff = np.abs(ref - got)
+    max_abs = float(diff.max(initial=0.0))
+    scale = float(np.abs(ref).max(initial=0.0))
+    norms = np.linalg.norm(ref) * np.linalg.norm(got)
+    cosine = float(np.sum(ref * got) / norms) if norms > 0 else float(max_abs == 0)
+    limit = tolerance.limit(scale)
+    passed = bool(np.isfinite(got).all()) and max_abs <= limit
+    return TapResult(tap, tuple(ref.shape), max_abs, max_abs / scale if scale else max_abs,
+                     cosine, scale, limit, passed)
+
+
+def compare_taps(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray],
+                 dtype: str = "float32") -> list[TapResult]:
+    """Compare every tap of `reference`, in its order; a tap missing from `other` fails."""
+    results = []
+    for tap, ref in reference.items():
+        tolerance = tolerance_for(tap, dtype)
+        if tap not in other:
+            results.append(TapResult(tap, tuple(np.shape(ref)), float("inf"), float("inf"), 0.0,
+                                     float(np.abs(ref).max(initial=0)), tolerance.limit(0), False))
+            continue
+        results.append(compare_tap(tap, ref, other[tap], tolerance))
+    return results
+
+
+def first_divergence(results: list[TapResult]) -> str | None:
+    """The first tap (in forward order) that fails its tolerance, or None."""
+    return next((r.tap for r in results if not r.passed), None)

@@ -1,0 +1,100 @@
+"""parity.json, parity.md and parity.png: the evidence written into every output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from parity.engine import ParityReport, SideResult
+
+
+def _sci(x: float) -> str:
+    return f"{x:.2e}" if x == x else "n/a"
+
+
+def report_dict(report: ParityReport, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON form: verdict, first diverging tap, worst logits error, every tap of every run."""
+    return {
+        "passed": report.passed,
+        "family": report.family,
+        "variant": report.variant,
+        "source": report.source,
+        "first_diverging_tap": report.first_divergence,
+        "max_abs_logits": {"target": report.worst("logits", "target"),
+                           "peer": report.worst("logits", "peer")},
+        "notes": report.notes,
+        "runs": [{"side": r.side, "role": r.role, "input": r.input, "dtype": r.dtype,
+                  "passed": r.passed, "first_diverging_tap": r.first_divergence,
+                  "taps": [t.as_dict() for t in r.taps]} for r in report.results],
+        **(extra or {}),
+    }
+
+
+def _summary_rows(report: ParityReport) -> list[str]:
+    rows = ["| side | role | input | weights | logits max-abs | worst tap (max-rel) | first diverging | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in report.results:
+        logits = next((t for t in r.taps if t.tap == "logits"), None)
+        worst = max(r.taps, key=lambda t: t.max_rel)
+        rows.append(f"| {r.side} | {r.role} | {r.input} | {r.dtype} | "
+                    f"{_sci(logits.max_abs) if logits else 'n/a'} | {worst.tap} ({_sci(worst.max_rel)}) | "
+                    f"{r.first_divergence or '-'} | {'pass' if r.passed else 'FAIL'} |")
+    return rows
+
+
+def _tap_rows(result: SideResult) -> list[str]:
+    rows = [f"#### {result.side} vs source, {result.input}, {result.dtype} weights", "",
+            "| tap | shape | max-abs | max-rel | cosine | limit | |", "|---|---|---|---|---|---|---|"]
+    for t in result.taps:
+        rows.append(f"| {t.tap} | {'x'.join(map(str, t.shape))} | {_sci(t.max_abs)} | {_sci(t.max_rel)} | "
+                    f"{t.cosine:.8f} | {_sci(t.limit)} | {'ok' if t.passed else 'FAIL'} |")
+    return rows + [""]
+
+
+def report_markdown(report: ParityReport) -> str:
+    """A readable table: one summary line per run, then every tap of the first input's runs."""
+    verdict = "PASSED" if report.passed else f"FAILED (first diverging tap: {report.first_divergence})"
+    lines = [f"# Parity: {report.family} {report.variant}", "",
+             f"Source side: {report.source}. Verdict: **{verdict}**.", "",
+             "max-rel is max-abs divided by the tap's largest |reference| value; "
+             "a tap passes when max-abs <= limit.", "", *_summary_rows(report), ""]
+    if report.notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
+    lines += ["## Per tap", ""]
+    first_input = report.results[0].input if report.results else None
+    for r in report.results:
+        if r.input == first_input or not r.passed:
+            lines += _tap_rows(r)
+    return "\n".join(lines)
+
+
+def plot_report(report: ParityReport, path: Path) -> None:
+    """PNG: max-rel error per tap (log scale), one line per run, limits dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(report.results[0].taps)), 4), dpi=100)
+    for r in report.results:
+        ys = [max(t.max_rel, 1e-12) for t in r.taps]
+        ax.plot(range(len(ys)), ys, marker=".", label=f"{r.side} / {r.input} / {r.dtype}")
+    taps = report.results[0].taps
+    ax.plot(range(len(taps)), [t.limit / t.scale if t.scale else t.limit for t in taps],
+            "k--", linewidth=0.8, label="limit (float32)" if report.results[0].dtype == "float32" else "limit")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(taps)), [t.tap for t in taps], rotation=90, fontsize=6)
+    ax.set_ylabel("max-abs / tap scale")
+    ax.set_title(f"{report.family} {report.variant}: error per tap")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_reports(report: ParityReport, folder: Path, extra: dict[str, Any] | None = None) -> None:
+    """Write parity.json, parity.md and parity.png into `folder`."""
+    (folder / "parity.json").write_text(json.dumps(report_dict(report, extra), indent=2) + "\n")
+    (folder / "parity.md").write_text(report_markdown(report) + "\n")
+    plot_report(report, folder / "parity.png")

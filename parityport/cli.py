@@ -1,0 +1,216 @@
+"""The `parityport` command: convert, parity, eval, publish, catalog.
+
+Exit codes: 0 success; 1 a parity or expected-accuracy check failed; 2 bad
+input or usage, with one line on stderr naming the file and the problem (a
+traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from converters.errors import CheckFailed, InputError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# convert / parity
+
+def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> tuple[Path, bool]:
+    """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout when the
+    catalog file cannot be had. Returns (path, is_synthetic)."""
+    from checkpoints.download import resolve
+
+    try:
+        return resolve(name), False
+    except InputError as e:
+        if not synthetic_if_offline:
+            raise
+        from checkpoints.catalog import lookup
+        from checkpoints.offline import synthetic_stand_in
+
+        entry = lookup(name)
+        path = synthetic_stand_in(entry, out_parent / "synthetic")
+        _say(f"parityport: {e.problem}")
+        _say(f"parityport: NOT the real weights: converting a synthetic file in the exact "
+             f"{entry.name} layout (random values): {path}")
+        return path, True
+
+
+def _progress(total_bytes: int, label: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, disable=None, leave=False)
+    return bar, (lambda name, n: bar.update(n))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from converters.export import check_destination, commit, source_digest, staging, up_to_date, write_model
+    from converters.readers.detect import open_checkpoint
+    from converters.writer import write_sha256sums
+
+    dest = Path(args.out)
+    src, synthetic = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
+    check_destination(src, dest)
+    digest = source_digest(src)
+    if dest.exists() and not args.force:
+        if up_to_date(dest, digest):
+            _say(f"parityport: {dest} is already a verified conversion of {src.name}; nothing to do")
+            return 0
+        raise InputError(dest, "exists; pass --force to replace it")
+    checkpoint = open_checkpoint(src)
+    family, conversion = convert_checkpoint(checkpoint)
+    _say(f"parityport: {src.name}: {family} {conversion.variant}, {len(conversion.tensors)} tensors "
+         f"({len(conversion.dropped)} dropped by rule) -> {dest} [{args.dtype}]")
+    with staging(dest) as tmp:
+        bar, on_tensor = _progress(sum(t.nbytes for t in conversion.tensors.values()), "writing")
+        with bar:
+            write_model(tmp, conversion, checkpoint, digest, args.dtype, args.allow_nonfinite, on_tensor)
+        if not args.no_parity:
+            report = _parity(checkpoint, conversion, tmp, args.dtype, synthetic)
+            if not report.passed:
+                failed = dest.with_name(dest.name + ".parity-failed")
+                shutil.rmtree(failed, ignore_errors=True)
+                os.replace(tmp, failed)
+                raise CheckFailed(f"{src}: parity FAILED (first diverging tap: {report.first_divergence}); "
+                                  f"report kept in {failed}, nothing written to {dest}")
+        write_sha256sums(tmp)
+        commit(tmp, dest)
+    _say(f"parityport: wrote {dest}" + ("" if args.no_parity else " (parity passed)"))
+    return 0
+
+
+def convert_checkpoint(checkpoint):
+    """Detect the family from the contents and run its converter."""
+    from converters.family import detect_family
+    from converters.registry import CONVERTERS, DETECTORS
+
+    family = detect_family(checkpoint, DETECTORS)
+    return family, CONVERTERS[family](checkpoint)
+
+
+def _parity(checkpoint, conversion, folder: Path, dtype: str, synthetic: bool):
+    from parity.families import PARITY
+    from parity.report import write_reports
+
+    report = PARITY[conversion.family](checkpoint, conversion, folder, dtype)
+    if synthetic:
+        report.notes.insert(0, "SYNTHETIC source: random weights in the exact original layout, "
+                               "not the published checkpoint.")
+    write_reports(report, folder, {"source_file": checkpoint.path.name})
+    _say(_summary(report))
+    return report
+
+
+def _summary(report) -> str:
+    lines = [f"parity: {report.family} {report.variant} vs {report.source}"]
+    for r in report.results:
+        logits = next((t.max_abs for t in r.taps if t.tap == "logits"), float("nan"))
+        lines.append(f"  {r.side:<42} {r.input:<16} {r.dtype:<9} max|dlogit| {logits:.2e}  "
+                     f"{'pass' if r.passed else 'FAIL at ' + str(r.first_divergence)}")
+    lines.append("  verdict: " + ("PASSED" if report.passed else "FAILED"))
+    return "\n".join(lines)
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from converters.readers.detect import open_checkpoint
+    from parity.report import report_markdown
+
+    folder = Path(args.dir)
+    if not (folder / "config.json").is_file():
+        raise InputError(folder, "not a converted folder (no config.json)")
+    checkpoint = open_checkpoint(Path(args.src))
+    _, conversion = convert_checkpoint(checkpoint)
+    from parity.families import PARITY
+
+    report = PARITY[conversion.family](checkpoint, conversion, folder, _stored_dtype(folder))
+    print(report_markdown(report))
+    if not report.passed:
+        raise CheckFailed(f"{folder}: parity FAILED (first diverging tap: {report.first_divergence})")
+    return 0
+
+
+def _stored_dtype(folder: Path) -> str:
+    import json
+
+    return json.loads((folder / "config.json").read_text()).get("torch_dtype", "float32")
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from checkpoints.catalog import format_table, load_catalog
+
+    print(format_table(load_catalog().values()))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parityport", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert an original checkpoint into a verified folder")
+    p.add_argument("src", help="a checkpoint file or a catalog name (parityport catalog)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-parity", action="store_true", help="skip the layer-by-layer comparison")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/Inf")
+    p.add_argument("--synthetic-if-offline", action="store_true",
+                   help="when a catalog file cannot be had, convert a synthetic file in its exact layout")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("parity", help="re-run the layer-by-layer comparison of SRC and DIR")
+    p.add_argument("src")
+    p.add_argument("dir")
+    p.set_defaults(run=cmd_parity)
+
+    p = sub.add_parser("catalog", help="list the official checkpoints")
+    p.set_defaults(run=cmd_catalog)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose modules add their own arguments."""
+    try:
+        from parity.eval_run import add_eval_arguments, run_eval
+    except ImportError:
+        return
+    p = sub.add_parser("eval", help="ImageNet top-1 of a converted folder")
+    add_eval_arguments(p)
+    p.set_defaults(run=run_eval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as e:
+        if args.debug:
+            raise
+        _say(f"parityport: error: {e}")
+        return 2
+    except CheckFailed as e:
+        if args.debug:
+            raise
+        _say(f"parityport: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _say("parityport: interrupted; no output folder was changed")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
