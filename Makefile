@@ -30,10 +30,10 @@ fuzz: setup
 	$(PY) -m pytest -q -m fuzz_long tests
 
 convert-bit: setup
-	$(VENV)/bin/parityport convert $(or $(CKPT),BiT-M-R50x1-ILSVRC2012) --out $(OUT)/$(notdir $(basename $(or $(CKPT),BiT-M-R50x1-ILSVRC2012))) --dtype $(DTYPE) --force --offline-default
+	$(VENV)/bin/parityport convert $(or $(CKPT),BiT-M-R50x1-ILSVRC2012) --out $(OUT)/$(notdir $(basename $(or $(CKPT),BiT-M-R50x1-ILSVRC2012))) --dtype $(DTYPE) $(if $(FORCE),--force) --synthetic-if-offline
 
 convert-data2vec: setup
-	$(VENV)/bin/parityport convert $(or $(CKPT),data2vec-vision-base-ft1k) --out $(OUT)/$(notdir $(basename $(or $(CKPT),data2vec-vision-base-ft1k))) --dtype $(DTYPE) --force --offline-default
+	$(VENV)/bin/parityport convert $(or $(CKPT),data2vec-vision-base-ft1k) --out $(OUT)/$(notdir $(basename $(or $(CKPT),data2vec-vision-base-ft1k))) --dtype $(DTYPE) $(if $(FORCE),--force) --synthetic-if-offline
 
 parity: setup
 	$(VENV)/bin/parityport parity $(SRC) $(DIR)

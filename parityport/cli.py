@@ -182,15 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose modules define their own arguments: (name, module, add-arguments, run, help).
+# Their modules keep heavy imports (torch, transformers) inside functions, so `--help` stays fast.
+COMMANDS = [
+    ("eval", "parity.eval_run", "add_eval_arguments", "run_eval", "ImageNet top-1 of a converted folder"),
+    ("verify", "parity.verify", "add_arguments", "run", "check a folder's checksums, load and parity record"),
+    ("publish", "parityport.publish", "add_arguments", "run", "upload a verified folder to the Hugging Face Hub"),
+]
+
+
 def _add_optional_commands(sub) -> None:
-    """Commands whose modules add their own arguments."""
-    try:
-        from parity.eval_run import add_eval_arguments, run_eval
-    except ImportError:
-        return
-    p = sub.add_parser("eval", help="ImageNet top-1 of a converted folder")
-    add_eval_arguments(p)
-    p.set_defaults(run=run_eval)
+    import importlib
+
+    for name, module, add, run, help_text in COMMANDS:
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text)
+        getattr(mod, add)(p)
+        p.set_defaults(run=getattr(mod, run))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,167 @@
+"""Synthetic BiT checkpoints written in the EXACT original file layouts.
+
+Nothing here reaches the original buckets, so tests and the offline demo use
+files that have the published structure with random (but realistic) values:
+
+- `.npz`: a flat, uncompressed `np.savez` of float32 arrays under `resnet/`,
+  HWIO kernels, 1-D GroupNorm `gamma`/`beta`, a (1,1,C,K) `head/conv2d` kernel
+  and a (K,) bias (shared/research/bit.md §1).
+- `.h5`: a TF2 Keras `save_weights` HDF5 file: root attribute `layer_names`,
+  one group per layer with attribute `weight_names` listing its datasets in
+  order; per unit `a` GN, `a` conv, `b` GN, `b` conv, `c` GN, `c` conv and the
+  `a/proj` conv LAST; the head is a Dense `head/dense` with a 2-D (C,K) kernel
+  (bit.md §2). The stored weight-name strings of the published files are
+  unconfirmed; these are scope-prefixed and unique, and readers must rely on
+  order and shapes only.
+
+Only numpy and h5py are used, so this module is an independent statement of
+the layout (it does not share code with the reference models it checks).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping
+
+import h5py
+import numpy as np
+
+PREFIX = "resnet/"
+DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}  # units per block
+_UNIT = re.compile(r"^block(\d+)/unit(\d+)/")
+_NUMBERED = re.compile(r"/standardized_conv2d_\d+/")
+
+
+def _unit_shapes(cin: int, mid: int, out: int, first: bool) -> dict[str, tuple[int, ...]]:
+    """One unit's names (relative to `block{b}/unit{u:02d}/`) and shapes, `a/proj` last."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for part, c, kernel in (("a", cin, (1, 1, cin, mid)), ("b", mid, (3, 3, mid, mid)),
+                            ("c", mid, (1, 1, mid, out))):
+        shapes[f"{part}/group_norm/gamma"] = (c,)
+        shapes[f"{part}/group_norm/beta"] = (c,)
+        shapes[f"{part}/standardized_conv2d/kernel"] = kernel
+    if first:  # the projection shortcut exists only in unit01 of each block
+        shapes["a/proj/standardized_conv2d/kernel"] = (1, 1, cin, out)
+    return shapes
+
+
+def bit_shapes(depths: tuple[int, ...] = DEPTHS[50], root_width: int = 64,
+               num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
+    """Every npz name (with `resnet/`) and its shape; block b is `root_width*2**(b-1)` wide inside, 4x out."""
+    shapes = {"root_block/standardized_conv2d/kernel": (7, 7, 3, root_width)}
+    cin = root_width
+    for b, n in enumerate(depths, 1):
+        mid = root_width * 2 ** (b - 1)
+        for u in range(1, n + 1):
+            unit = _unit_shapes(cin, mid, 4 * mid, u == 1)
+            shapes |= {f"block{b}/unit{u:02d}/{k}": s for k, s in unit.items()}
+            cin = 4 * mid
+    shapes |= {"group_norm/gamma": (cin,), "group_norm/beta": (cin,),
+               "head/conv2d/kernel": (1, 1, cin, num_classes), "head/conv2d/bias": (num_classes,)}
+    return {PREFIX + k: s for k, s in shapes.items()}
+
+
+def _random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Realistic values: He-normal kernels, GN gamma ~ 1 + noise, small beta, small nonzero head."""
+    if name.endswith("head/conv2d/kernel"):
+        return rng.normal(0.0, 0.01, shape)
+    if name.endswith("head/conv2d/bias"):
+        return rng.normal(0.0, 0.01, shape)
+    if name.endswith("/kernel"):  # HWIO: fan-in is H*W*I
+        return rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[:3])), shape)
+    if name.endswith("/gamma"):
+        return 1.0 + rng.normal(0.0, 0.1, shape)
+    return rng.normal(0.0, 0.1, shape)  # beta
+
+
+def _numbered(names: list[str]) -> dict[str, str]:
+    """Keras-style global numbering: the first conv keeps `standardized_conv2d`, then `_1`, `_2`, ..."""
+    renames, count = {}, 0
+    for name in names:
+        if "/standardized_conv2d/" in name:
+            suffix = f"_{count}" if count else ""
+            renames[name] = name.replace("/standardized_conv2d/", f"/standardized_conv2d{suffix}/")
+            count += 1
+    return renames
+
+
+def bit_arrays(depths: tuple[int, ...] = DEPTHS[50], width: int = 1, num_classes: int = 1000,
+               seed: int = 0, *, root_width: int | None = None,
+               numbered_convs: bool = False) -> dict[str, np.ndarray]:
+    """Random float32 BiT arrays under the exact original npz names.
+
+    `width` is the published width factor (root width 64*width); `root_width`
+    overrides it for tiny test models (GroupNorm(32) needs it divisible by 32,
+    e.g. `depths=(1, 1, 1, 1), root_width=32`). `numbered_convs` renames conv
+    scopes to `standardized_conv2d_N`, a spelling some published files use.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = bit_shapes(tuple(depths), root_width or 64 * width, num_classes)
+    arrays = {k: _random_value(k, s, rng).astype(np.float32) for k, s in shapes.items()}
+    if numbered_convs:
+        renames = _numbered(list(arrays))
+        arrays = {renames.get(k, k): v for k, v in arrays.items()}
+    return arrays
+
+
+def write_bit_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write the arrays as the original flat, uncompressed `np.savez` (float32), at exactly `path`."""
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+        np.savez(f, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+
+
+# ---------------------------------------------------------------------------
+# TF2 Keras `save_weights` HDF5
+# ---------------------------------------------------------------------------
+
+
+def _canonical(name: str) -> str:
+    return _NUMBERED.sub("/standardized_conv2d/", name.removeprefix(PREFIX))
+
+
+def keras_layers(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """The TF2 Keras layers of a BiT and their `(weight name, array)` in saved order.
+
+    Layers: `root_block`, `block1`..`block4`, `group_norm`, `head/dense`. Inside a
+    block, units in order, each `a` GN, `a` conv, `b` GN, `b` conv, `c` GN,
+    `c` conv, then `a/proj` (built last). The Dense head kernel is (C, K).
+    """
+    canon = {_canonical(k): np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    units: dict[int, int] = {}
+    for name in canon:
+        if match := _UNIT.match(name):
+            units[int(match[1])] = max(units.get(int(match[1]), 0), int(match[2]))
+    layers = [("root_block", ["root_block/standardized_conv2d/kernel"])]
+    for b in sorted(units):
+        names = [f"block{b}/unit{u:02d}/{k}" for u in range(1, units[b] + 1)
+                 for k in _unit_shapes(1, 1, 1, u == 1)]
+        layers.append((f"block{b}", names))
+    layers.append(("group_norm", ["group_norm/gamma", "group_norm/beta"]))
+    head = [("resnet/head/dense/kernel:0", canon["head/conv2d/kernel"][0, 0]),  # (1,1,C,K) -> (C,K)
+            ("resnet/head/dense/bias:0", canon["head/conv2d/bias"])]
+    return [(layer, [(f"{PREFIX}{n}:0", canon[n]) for n in names]) for layer, names in layers] + \
+        [("head/dense", head)]
+
+
+def write_bit_h5(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], *,
+                 weightless_layers: bool = True) -> None:
+    """Write the arrays as a TF2 Keras `save_weights` HDF5 file, with h5py only.
+
+    Each layer is a group named after it, holding attribute `weight_names` and a
+    dataset per weight at `<layer>/<weight name>`; the root attribute
+    `layer_names` lists the layers in order. `weightless_layers` adds the
+    weight-free `re_lu` and `global_average_pooling2d` layers, as Keras does.
+    """
+    layers = keras_layers(arrays)
+    if weightless_layers:
+        layers[-1:-1] = [("re_lu", []), ("global_average_pooling2d", [])]
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([name.encode() for name, _ in layers], dtype="S")
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.2.4-tf"
+        for layer, weights in layers:
+            group = f.create_group(layer)
+            group.attrs["weight_names"] = np.array([n.encode() for n, _ in weights], dtype="S")
+            for name, value in weights:
+                group.create_dataset(name, data=value)
