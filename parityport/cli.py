@@ -186,8 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Their modules keep heavy imports (torch, transformers) inside functions, so `--help` stays fast.
 COMMANDS = [
     ("eval", "parity.eval_run", "add_eval_arguments", "run_eval", "ImageNet top-1 of a converted folder"),
-    ("verify", "parity.verify", "add_arguments", "run", "check a folder's checksums, load and parity record"),
-    ("publish", "parityport.publish", "add_arguments", "run", "upload a verified folder to the Hugging Face Hub"),
 ]
 
 
