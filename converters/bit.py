@@ -201,9 +201,14 @@ def preprocessor_config(size: int = 480) -> dict:
     }
 
 
-def convert(checkpoint: Checkpoint, id2label: dict[int, str] | None = None) -> Conversion:
-    """Map a BiT checkpoint onto `BitForImageClassification`, strictly and lazily."""
+def convert(checkpoint: Checkpoint) -> Conversion:
+    """Map a BiT checkpoint onto `BitForImageClassification`, strictly and lazily.
+
+    1000- and 21843-way heads get the ImageNet-1k / Google ImageNet-21k labels.
+    """
     from transformers import BitConfig, BitForImageClassification
+
+    from checkpoints.labels import imagenet_id2label
 
     notes: list[str] = []
     if checkpoint.format == "keras-h5":
@@ -217,7 +222,7 @@ def convert(checkpoint: Checkpoint, id2label: dict[int, str] | None = None) -> C
         spec = infer_spec(tensors)
     except InputError as e:
         raise InputError(checkpoint.path, e.problem) from None
-    config = hf_config(spec, id2label)
+    config = hf_config(spec, imagenet_id2label(spec.num_classes))
     expected = expected_shapes(BitForImageClassification, BitConfig(**config))
     mapped = apply_rules(tensors, bit_rules(spec), expected, path=str(checkpoint.path))
     notes.append("Weight standardization: the original uses eps 1e-10 inside the sqrt; "

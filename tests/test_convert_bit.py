@@ -252,5 +252,7 @@ def test_published_layouts_convert_with_no_flags(tmp_path, depth, width):
     assert main(["convert", str(src), "--out", str(out)]) == 0
     report = json.loads((out / "parity.json").read_text())
     assert report["variant"] == f"R{depth}x{width}"
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"]["0"] == "tench, Tinca tinca" and len(config["id2label"]) == 1000
     for name, tap in logits_taps(report) + logits_taps(report, "peer"):
         assert tap["max_abs"] <= 1e-4, f"{name}: max|dlogit| {tap['max_abs']:.2e}"
