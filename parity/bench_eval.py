@@ -1,0 +1,238 @@
+"""End-to-end ImageNet-eval throughput: faithful vs fast vs a timm-validate-style baseline (`make bench-eval`).
+
+Generates an ImageNet-like validation set (N JPEGs, quality 90, sizes drawn like
+ImageNet val: mostly 500 px on the long side at 4:3 / 3:4 / 3:2 / 1:1, a tail of
+larger and odd-ratio images; 1000 wnid class folders) into a cache folder once,
+then measures images/s of three pipelines in the same run on each model:
+
+- faithful: `evaluate(fast=False)` — PIL transforms in workers, fp32, TF32 off;
+- fast: `evaluate(fast=True)` — GPU JPEG decode + GPU resize + bf16 + channels_last;
+- baseline: what timm's validate.py does — DataLoader + PIL resize/crop to uint8 in
+  workers, pinned memory, normalise on the GPU, bf16 autocast, channels_last.
+
+Models: `--model DIR` (repeatable), or randomly initialised data2vec-vision base at
+224 and BiT-R50x1 at 448 (squash) built from transformers configs (`--model-size
+tiny` builds small stand-ins instead, the default on CPU). Each pipeline gets a
+short warm-up run before it is timed. Results go to benchmarks/eval.json, naming the
+device. Needs CUDA; `--device cpu --images 64` is a smoke run of the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from parity.eval_data import EvalSet, PILDataset, find_eval_set, imagenet1k_wnids, resolve_labels
+from parity.eval_run import _progress, evaluate, load_model, prediction_agreement
+from parity.protocols import Protocol, resolve_protocol
+
+DEFAULT_CACHE = Path("checkpoints/cache/bench_eval")
+# (long side, probability) and (aspect w/h, probability), shaped after ImageNet val's typical files
+LONG_SIDES = ([500, 400, 640, 800, 1024, 1600], [0.84, 0.04, 0.05, 0.03, 0.02, 0.02])
+ASPECTS = ([4 / 3, 3 / 4, 3 / 2, 1.0, 16 / 9, 2 / 3], [0.55, 0.15, 0.12, 0.08, 0.05, 0.05])
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+def _size(rng: np.random.Generator) -> tuple[int, int]:
+    long = int(rng.choice(LONG_SIDES[0], p=LONG_SIDES[1]))
+    aspect = float(rng.choice(ASPECTS[0], p=ASPECTS[1]))
+    return (long, round(long / aspect)) if aspect >= 1 else (round(long * aspect), long)
+
+
+def _write_image(job: tuple[int, str]) -> None:
+    """A photo-like JPEG: smooth colour field + edges + grain, so file sizes resemble ImageNet's (~110 kB)."""
+    from PIL import Image, ImageFilter
+
+    seed, path = job
+    rng = np.random.default_rng(seed)
+    width, height = _size(rng)
+    base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    detail = Image.fromarray(rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)).resize((width, height))
+    image = Image.blend(base, detail.filter(ImageFilter.SMOOTH), 0.35)
+    grain = rng.normal(0, 8, (height, width, 3))
+    image = Image.fromarray(np.clip(np.asarray(image) + grain, 0, 255).astype(np.uint8))
+    image.save(path, quality=90)
+
+
+def make_dataset(cache: Path, images: int, workers: int, seed: int = 0) -> Path:
+    """Write (once) `images` JPEGs into 1000 wnid folders under `cache`; return the folder."""
+    root = cache / f"val_n{images}_s{seed}"
+    if (root / ".complete").is_file():
+        return root
+    wnids = imagenet1k_wnids()
+    jobs = []
+    for i in range(images):
+        folder = root / wnids[i % len(wnids)]
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((seed * 10_000_019 + i, str(folder / f"ILSVRC2012_val_{i + 1:08d}.JPEG")))
+    print(f"writing {images} JPEGs to {root} ...", file=sys.stderr)
+    with Pool(max(1, workers)) as pool:
+        for _ in pool.imap_unordered(_write_image, jobs, chunksize=64):
+            pass
+    (root / ".complete").write_text(f"{images}\n")
+    return root
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+def _save(model: torch.nn.Module, processor: Any, path: Path, override: dict[str, Any]) -> Path:
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    config_file = path / "preprocessor_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "parityport": override}))
+    return path
+
+
+def build_models(cache: Path, size: str) -> list[Path]:
+    """Random-weight stand-ins: data2vec-vision base @224 and BiT-R50x1 @448 (or tiny ones)."""
+    from transformers import (BeitImageProcessor, BitConfig, BitForImageClassification, BitImageProcessor,
+                              Data2VecVisionConfig, Data2VecVisionForImageClassification)
+
+    full = size == "full"
+    d2v = Data2VecVisionConfig(num_labels=1000, use_mean_pooling=True, layer_norm_eps=1e-6, use_relative_position_bias=True,
+                               **({} if full else dict(image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=128)))
+    bit = BitConfig(layer_type="preactivation", global_padding=None, embedding_dynamic_padding=False, num_labels=1000,
+                    **({"depths": [3, 4, 6, 3]} if full else dict(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8)))
+    torch.manual_seed(0)
+    folder = cache / f"models_{size}"
+    res_d2v, res_bit = (224, 448) if full else (64, 64)
+    half = [0.5] * 3
+    return [
+        _save(Data2VecVisionForImageClassification(d2v),
+              BeitImageProcessor(size={"height": res_d2v, "width": res_d2v}, do_center_crop=False, resample=3,
+                                 image_mean=half, image_std=half),
+              folder / f"data2vec-vision-{'base' if full else 'tiny'}-{res_d2v}", {"image_size": res_d2v}),
+        _save(BitForImageClassification(bit),
+              BitImageProcessor(size={"shortest_edge": res_bit}, crop_size={"height": res_bit, "width": res_bit},
+                                resample=2, image_mean=half, image_std=half),
+              folder / f"bit-{'r50x1' if full else 'tiny'}-{res_bit}", {"image_size": res_bit}),
+    ]
+
+
+# ---- the timm-validate-style baseline ----------------------------------------------------------
+
+
+@torch.inference_mode()
+def baseline(model_dir: Path, eval_set: EvalSet, spec: Protocol, device: torch.device, batch_size: int,
+             workers: int, limit: int | None = None) -> dict[str, Any]:
+    """DataLoader + PIL resize/crop to uint8 in workers, pinned, normalise on the GPU, bf16 autocast."""
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+
+    interp = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[spec.interpolation]
+    side = spec.resize_side
+    transform = T.Compose([T.Resize((side, side) if spec.resize == "squash" else side, interpolation=interp),
+                           T.CenterCrop(spec.image_size), T.PILToTensor()])
+    model = load_model(model_dir, device).to(memory_format=torch.channels_last)
+    labels = resolve_labels(eval_set, model.config)
+    count = len(eval_set.samples) if limit is None else min(limit, len(eval_set.samples))
+    loader = DataLoader(PILDataset(eval_set.samples, range(count), transform, (3, spec.image_size, spec.image_size)),
+                        batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255
+    predictions = torch.full((count,), -1, dtype=torch.long)
+    start = time.perf_counter()
+    with _progress(count, 0) as bar:
+        for pixels, index, _ok, _notes in loader:
+            x = (pixels.to(device, non_blocking=True).float() - mean) / std
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits.float()
+            if labels.logit_indices is not None:
+                logits = logits[:, labels.logit_indices]
+            predictions[index] = logits.argmax(1).cpu()
+            bar.update(len(index))
+    seconds = time.perf_counter() - start
+    targets = labels.targets(eval_set.samples[:count])
+    return {"pipeline": "baseline", "images": count, "seconds": seconds, "images_per_s": count / seconds,
+            "top1": 100.0 * float((predictions == targets).float().mean()), "predictions": predictions.tolist()}
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def _measure(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    eval_set = find_eval_set(data)
+    spec, _ = resolve_protocol(model, "original")
+    warm = min(len(eval_set.samples), 2 * args.batch_size)
+    common = dict(protocol="original", device=args.device, batch_size=args.batch_size, workers=args.workers)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, fast in (("faithful", False), ("fast", True)):
+        evaluate(model, data, fast=fast, limit=warm, compile=args.compile and fast, **common)
+        runs[name] = evaluate(model, data, fast=fast, compile=args.compile and fast, **common)
+    baseline(model, eval_set, spec, device, args.batch_size, args.workers, limit=warm)
+    runs["baseline"] = baseline(model, eval_set, spec, device, args.batch_size, args.workers)
+    keep = ("images", "images_per_s", "seconds", "top1", "failures")
+    return {
+        "model": str(model),
+        "protocol": spec.__dict__ | {"resize_side": spec.resize_side},
+        **{name: {k: run[k] for k in keep if k in run} for name, run in runs.items()},
+        "agreement_fast_vs_faithful": prediction_agreement(runs["fast"], runs["faithful"]),
+        "agreement_baseline_vs_faithful": prediction_agreement(runs["baseline"], runs["faithful"]),
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit 2 with a clear message when CUDA is needed but absent."""
+    parser = argparse.ArgumentParser(prog="python -m parity.bench_eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, action="append", help="model folder(s); default: random data2vec-B@224 and BiT-R50x1@448")
+    parser.add_argument("--images", type=int, default=50_000)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in the fast pipeline")
+    parser.add_argument("--model-size", choices=("full", "tiny"), help="stand-in models (default: full on CUDA, tiny on CPU)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/eval.json"))
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench-eval measures the GPU pipelines and needs CUDA, which is not available here. "
+              "For a CPU smoke run of the same code: python -m parity.bench_eval --device cpu --images 64", file=sys.stderr)
+        return 2
+    data = make_dataset(args.cache, args.images, args.workers)
+    models = args.model or build_models(args.cache, args.model_size or ("full" if args.device.startswith("cuda") else "tiny"))
+    report = {
+        "device": _device_name(args.device),
+        "torch": torch.__version__,
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "compile": args.compile,
+        "fast_decode": "GPU (nvJPEG, batched)" if args.device.startswith("cuda") else "CPU (smoke run: not a GPU measurement)",
+        "dataset": str(data),
+        "note": "images_per_s is end to end (read, decode, preprocess, model, top-k) after a warm-up run; model loading excluded",
+        "runs": [_measure(model, data, args) for model in models],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    for run in report["runs"]:
+        rates = ", ".join(f"{p} {run[p]['images_per_s']:.1f} img/s" for p in ("faithful", "fast", "baseline"))
+        print(f"{Path(run['model']).name}: {rates}; fast agrees with faithful on "
+              f"{run['agreement_fast_vs_faithful']['agreement']:.2f}% of images")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

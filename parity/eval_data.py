@@ -1,0 +1,344 @@
+"""Validation-set layouts, label mapping and the datasets that feed evaluation.
+
+Supported VAL_DIR layouts (checked in this order):
+
+1. ``loc-csv`` — Kaggle's ImageNet layout: ``LOC_val_solution.csv`` (columns
+   ImageId, PredictionString; the first token of PredictionString is the wnid)
+   in VAL_DIR or up to four parent folders; images ``<ImageId>.JPEG`` in VAL_DIR
+   or in VAL_DIR/ILSVRC/Data/CLS-LOC/val.
+2. ``ilsvrc-devkit`` — the flat ILSVRC2012 val files ``ILSVRC2012_val_NNNNNNNN.JPEG``
+   with the devkit ground truth ``ILSVRC2012_validation_ground_truth.txt`` (line n =
+   the 1-based ILSVRC2012_ID of image n). IDs are mapped to wnids through the
+   devkit's ``meta.mat`` (``synsets`` struct: ILSVRC2012_ID, WNID; read with scipy),
+   or through ``ILSVRC2012_wnids_by_id.txt`` (1000 lines, line k = wnid of ID k).
+   Both files are looked for in VAL_DIR, VAL_DIR/data, VAL_DIR/ILSVRC2012_devkit_t12/data
+   and the same places under VAL_DIR's parent. (Kaggle's LOC_synset_mapping.txt
+   is in sorted-wnid order, not ID order, and is NOT accepted for this.)
+3. ``class-folders`` — one subfolder per class holding image files (searched
+   recursively). Subfolders named by ImageNet wnids map to the position of the wnid
+   in the sorted 1000 ImageNet-1k wnids; other names map through the model's
+   id2label when every folder name is a label, otherwise to the position of the
+   folder name among the sorted subfolders.
+
+A 21843-way (ImageNet-21k, Google order) head is scored on the 1000 classes:
+its logits are restricted to the in21k positions of the 1000 in1k wnids.
+Image files: .jpeg .jpg .png .bmp .webp .ppm .tif .tiff (any case).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from converters.errors import InputError
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+WNIDS_BY_ID = "ILSVRC2012_wnids_by_id.txt"
+LOC_CSV = "LOC_val_solution.csv"
+_FLAT_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.", re.IGNORECASE)
+_WNID = re.compile(r"n\d{8}")
+
+EXPECTED_LAYOUTS = (
+    "expected one of: class subfolders holding images (ImageNet wnids like n01440764, or any class names); "
+    f"flat ILSVRC2012_val_*.JPEG files with the devkit {GROUND_TRUTH} plus meta.mat or {WNIDS_BY_ID}; "
+    f"or images with Kaggle's {LOC_CSV}"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file and its class name (a wnid or a class-folder name)."""
+
+    path: Path
+    label: str
+
+
+@dataclass
+class EvalSet:
+    """The images of a validation folder, in a fixed order, and what was found around them."""
+
+    samples: list[Sample]
+    layout: str
+    class_names: list[str]  # every class the layout declares, sorted (folders, or wnids seen)
+    notes: dict[str, int] = field(default_factory=dict)  # labels without images, images without labels
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """How class names become target indices, and which model outputs are scored."""
+
+    kind: str
+    target_of: dict[str, int]
+    logit_indices: list[int] | None = None  # restrict logits to these outputs before ranking
+
+    def targets(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """Target index of every sample (in the scored space)."""
+        return torch.tensor([self.target_of[s.label] for s in samples], dtype=torch.long)
+
+
+# ---- ImageNet class lists ----------------------------------------------------------------------
+
+
+def _timm_info(name: str) -> list[str]:
+    from importlib.resources import files
+
+    return files("timm.data").joinpath("_info", name).read_text().split()
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet1k_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k wnids in sorted order (class index = position)."""
+    try:
+        from checkpoints.labels import imagenet1k_wnids as shared
+
+        wnids = tuple(shared())
+        if len(wnids) == 1000:
+            return wnids
+    except (ImportError, AttributeError, TypeError):
+        pass
+    return tuple(_timm_info("imagenet_synsets.txt"))
+
+
+@functools.lru_cache(maxsize=None)
+def in21k_to_in1k_indices() -> tuple[int, ...]:
+    """For each in1k class (sorted wnids), its output index in a 21843-way Google in21k head."""
+    try:
+        from checkpoints.labels import in21k_to_in1k_indices as shared
+
+        indices = tuple(int(i) for i in shared())
+        if len(indices) == 1000:
+            return indices
+    except (ImportError, AttributeError, TypeError):
+        pass
+    position = {wnid: i for i, wnid in enumerate(_timm_info("imagenet21k_goog_synsets.txt"))}
+    return tuple(position[w] for w in imagenet1k_wnids())
+
+
+# ---- layouts -----------------------------------------------------------------------------------
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _search_dirs(data_dir: Path, subdirs: Sequence[str]) -> list[Path]:
+    return [base / sub for base in (data_dir, data_dir.parent) for sub in subdirs]
+
+
+def _find_file(dirs: Sequence[Path], name: str) -> Path | None:
+    return next((d / name for d in dirs if (d / name).is_file()), None)
+
+
+def _class_folders(data_dir: Path) -> EvalSet | None:
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    samples = [Sample(f, d.name) for d in folders for f in sorted(d.rglob("*")) if _is_image(f)]
+    if not samples:
+        return None
+    return EvalSet(samples, "class-folders", [d.name for d in folders])
+
+
+def _devkit_wnids(dirs: Sequence[Path]) -> list[str] | None:
+    text = _find_file(dirs, WNIDS_BY_ID)
+    if text:
+        return text.read_text().split()
+    meta = _find_file(dirs, "meta.mat")
+    if meta is None:
+        return None
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise InputError(meta, f"reading meta.mat needs scipy; or write {WNIDS_BY_ID}") from None
+    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+    by_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    return [by_id[i] for i in range(1, 1001)]
+
+
+def _flat_devkit(data_dir: Path) -> EvalSet | None:
+    dirs = _search_dirs(data_dir, ("", "data", "ILSVRC2012_devkit_t12/data"))
+    truth = _find_file(dirs, GROUND_TRUTH)
+    files = sorted(p for p in data_dir.iterdir() if _FLAT_NAME.match(p.name) and _is_image(p))
+    if truth is None or not files:
+        return None
+    wnids = _devkit_wnids(dirs)
+    if wnids is None or len(wnids) != 1000:
+        raise InputError(truth, f"found the ground truth but no devkit meta.mat or {WNIDS_BY_ID} (1000 wnids) beside it")
+    ids = [int(line) for line in truth.read_text().split()]
+    samples = []
+    for path in files:
+        number = int(_FLAT_NAME.match(path.name).group(1))
+        if not 1 <= number <= len(ids):
+            raise InputError(path, f"image number {number} is outside the {len(ids)} ground-truth lines")
+        samples.append(Sample(path, wnids[ids[number - 1] - 1]))
+    notes = {"labels_without_image": len(ids) - len(samples)}
+    return EvalSet(samples, "ilsvrc-devkit", sorted(set(wnids)), notes)
+
+
+def _loc_csv(data_dir: Path) -> EvalSet | None:
+    solution = _find_file([data_dir, *list(data_dir.parents)[:4]], LOC_CSV)
+    if solution is None:
+        return None
+    with solution.open(newline="") as handle:
+        rows = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(handle)}
+    image_dir = next((d for d in (data_dir, data_dir / "ILSVRC/Data/CLS-LOC/val") if d.is_dir() and any(_is_image(p) for p in d.iterdir())), None)
+    if image_dir is None:
+        raise InputError(solution, f"found {LOC_CSV} but no images in {data_dir} or {data_dir / 'ILSVRC/Data/CLS-LOC/val'}")
+    files = sorted(p for p in image_dir.iterdir() if _is_image(p))
+    samples = [Sample(p, rows[p.stem]) for p in files if p.stem in rows]
+    notes = {"labels_without_image": len(rows) - len(samples), "images_without_label": len(files) - len(samples)}
+    return EvalSet(samples, "loc-csv", sorted(set(rows.values())), notes)
+
+
+LAYOUTS: list[Callable[[Path], EvalSet | None]] = [_loc_csv, _flat_devkit, _class_folders]
+
+
+def find_eval_set(data_dir: str | Path, limit: int | None = None) -> EvalSet:
+    """Detect VAL_DIR's layout (module docstring) and list its samples in a fixed order.
+
+    `limit` keeps an evenly strided subset of that many images (every class stays
+    represented in a class-sorted listing). A folder matching no layout raises
+    InputError naming the expected layouts.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError(root, f"not a folder; {EXPECTED_LAYOUTS}")
+    for layout in LAYOUTS:
+        found = layout(root)
+        if found is not None:
+            if limit is not None and limit < len(found.samples):
+                step = len(found.samples) / limit
+                found.samples = [found.samples[int((i + 0.5) * step)] for i in range(limit)]
+            return found
+    raise InputError(root, f"no images in a known layout; {EXPECTED_LAYOUTS}")
+
+
+def _default_labels(id2label: dict[Any, str]) -> bool:
+    return all(str(v) == f"LABEL_{k}" for k, v in id2label.items())
+
+
+def resolve_labels(eval_set: EvalSet, config: Any) -> LabelMap:
+    """Choose how the set's class names map to the model's outputs (module docstring order)."""
+    num_labels = int(config.num_labels)
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    names = {s.label for s in eval_set.samples}
+    if id2label and not _default_labels(id2label) and names <= set(id2label.values()):
+        return LabelMap("id2label", {v: k for k, v in id2label.items() if v in names})
+    in1k = imagenet1k_wnids()
+    if names <= set(in1k) and num_labels in (1000, 21843):
+        target = {w: i for i, w in enumerate(in1k)}
+        if num_labels == 1000:
+            return LabelMap("imagenet-1k", target)
+        return LabelMap("imagenet-21k→1k", target, list(in21k_to_in1k_indices()))
+    if eval_set.layout == "class-folders" and len(eval_set.class_names) <= num_labels:
+        return LabelMap("sorted-folders", {n: i for i, n in enumerate(eval_set.class_names)})
+    raise InputError(
+        None,
+        f"cannot map the {len(names)} class names of this {eval_set.layout} set onto the model's "
+        f"{num_labels} outputs (need ImageNet wnids with a 1000- or 21843-way head, id2label names, "
+        "or at most num_labels class folders)",
+    )
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+
+
+def open_rgb(path: Path) -> tuple[Image.Image, str | None]:
+    """Open an image by content (a PNG named .JPEG is fine) as RGB; also say what was converted."""
+    with Image.open(path) as image:
+        image.load()  # truncated or corrupt data raises here
+        note = None
+        if image.format != "JPEG" or image.mode != "RGB":
+            note = f"{image.format}/{image.mode}"
+        return image.convert("RGB"), note
+
+
+def jpeg_components(data: bytes) -> int | None:
+    """Colour components of a baseline/extended JPEG (SOF0/SOF1) from its header; None otherwise.
+
+    The fast path sends only 3-component baseline JPEGs to the GPU decoder; grayscale,
+    CMYK, progressive, PNG-named-JPEG and unparsable files are decoded by PIL instead.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in (0xC0, 0xC1):
+            return data[i + 9]
+        if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
+            return None
+        i += 2 + length
+    return None
+
+
+class PILDataset(Dataset):
+    """Faithful path: PIL decode → RGB → the protocol's exact transform, in DataLoader workers.
+
+    Items are (pixels, index, ok, note); a failed image gives zeros, ok=False and the error.
+    """
+
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], transform: Callable, shape: tuple[int, ...]) -> None:
+        self.samples, self.indices, self.transform, self.shape = samples, list(indices), transform, shape
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, bool, str]:
+        index = self.indices[item]
+        try:
+            image, note = open_rgb(self.samples[index].path)
+            return self.transform(image), index, True, note or ""
+        except Exception as error:  # any decode/transform failure is counted, never dropped
+            return torch.zeros(self.shape), index, False, f"{type(error).__name__}: {error}"
+
+
+class BytesDataset(Dataset):
+    """Fast path: read file bytes; 3-component baseline JPEGs stay bytes for the GPU decoder,
+    anything else is decoded here by PIL to a uint8 CHW tensor. Items are dicts."""
+
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int]) -> None:
+        self.samples, self.indices = samples, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        index = self.indices[item]
+        path = self.samples[index].path
+        out: dict[str, Any] = {"index": index, "data": None, "image": None, "note": ""}
+        try:
+            data = path.read_bytes()
+            if jpeg_components(data) == 3:
+                out["data"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            else:
+                out["image"], out["note"] = pil_tensor(path)
+        except Exception as error:
+            out["note"] = f"{type(error).__name__}: {error}"
+        return out
+
+
+def pil_tensor(path: Path) -> tuple[torch.Tensor, str]:
+    """PIL-decode a file to a uint8 CHW RGB tensor (the fast path's fallback decoder)."""
+    import numpy as np
+
+    image, note = open_rgb(path)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous(), note or ""
+
+
+def collate_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep fast-path items as a list (their tensors differ in size)."""
+    return items

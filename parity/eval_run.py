@@ -1,0 +1,448 @@
+"""ImageNet-style top-1/top-5 evaluation of a converted folder: `parityport eval`.
+
+Two pipelines share one scoring loop:
+- faithful: the protocol's exact PIL transforms in DataLoader workers, fp32 model,
+  TF32 off;
+- fast (CUDA): workers only read file bytes; JPEGs are decoded in batches on the GPU
+  (nvJPEG through torchvision.io.decode_jpeg on a list), resized with antialiasing
+  and normalised on the GPU, the model runs under bf16 autocast in channels_last
+  (optionally torch.compile), and a prefetch thread on its own CUDA stream prepares
+  the next batch while the current one runs.
+
+Under torchrun (or an initialised process group) image i is evaluated by rank
+i % world_size only, so every image counts exactly once; per-rank counts are
+all_reduced and per-image predictions all_gathered, giving every rank the
+complete, identical result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from converters.errors import InputError
+from parity.eval_data import (
+    BytesDataset,
+    EvalSet,
+    LabelMap,
+    PILDataset,
+    collate_list,
+    find_eval_set,
+    pil_tensor,
+    resolve_labels,
+)
+from parity.protocols import PROTOCOL_NAMES, Protocol, batch_transform, resolve_protocol
+
+MAX_FAILURES_LISTED = 100
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+
+def load_model(model_dir: str | Path, device: torch.device) -> torch.nn.Module:
+    """AutoModelForImageClassification.from_pretrained(DIR, trust_remote_code=True), fp32, eval mode."""
+    from transformers import AutoModelForImageClassification
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise InputError(path, "not a model folder (no config.json)")
+    model = AutoModelForImageClassification.from_pretrained(str(path), trust_remote_code=True, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+# ---- batch sources: each yields (pixels on device, indices, ok mask, notes) ---------------------
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
+
+
+def _faithful_batches(eval_set: EvalSet, indices: Sequence[int], transform: Any, protocol: Protocol,
+                      device: torch.device, batch_size: int, workers: int) -> Iterator[Batch]:
+    from PIL import Image
+
+    shape = tuple(transform(Image.new("RGB", (protocol.image_size,) * 2)).shape)
+    dataset = PILDataset(eval_set.samples, indices, transform, shape)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    for pixels, index, ok, notes in loader:
+        yield pixels.to(device, non_blocking=True), index, ok, list(notes)
+
+
+def _decode(items: list[dict[str, Any]], device: torch.device) -> tuple[list[torch.Tensor | None], list[str]]:
+    """Decode a fast-path batch: JPEG bytes in one batched call on `device`, per image on failure, PIL last."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images: list[torch.Tensor | None] = [None if it["image"] is None else it["image"].to(device, non_blocking=True) for it in items]
+    notes = [it["note"] for it in items]
+    pending = [i for i, it in enumerate(items) if it["data"] is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # decode_jpeg's deprecation notice in favour of TorchCodec
+        try:
+            decoded = decode_jpeg([items[i]["data"] for i in pending], mode=ImageReadMode.RGB, device=device)
+            for i, image in zip(pending, decoded):
+                images[i] = image
+        except RuntimeError:
+            for i in pending:
+                try:
+                    images[i] = decode_jpeg(items[i]["data"], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError as error:
+                    images[i], notes[i] = _pil_fallback(items[i], device, error)
+    return images, notes
+
+
+def _pil_fallback(item: dict[str, Any], device: torch.device, error: Exception) -> tuple[torch.Tensor | None, str]:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(item["data"].numpy().tobytes())) as image:
+            image.load()
+            array = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+        return array.permute(2, 0, 1).to(device), "GPU decode failed; PIL"
+    except Exception as pil_error:
+        return None, f"{type(error).__name__}: {error}; PIL: {pil_error}"
+
+
+def _prepare(items: list[dict[str, Any]], protocol: Protocol, device: torch.device) -> Batch:
+    images, notes = _decode(items, device)
+    ok = torch.tensor([image is not None for image in images])
+    blank = torch.zeros(3, protocol.image_size, protocol.image_size, dtype=torch.uint8, device=device)
+    pixels = batch_transform([image if image is not None else blank for image in images], protocol)
+    index = torch.tensor([it["index"] for it in items])
+    return pixels, index, ok, notes
+
+
+def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol, device: torch.device,
+                  batch_size: int, workers: int) -> Iterator[Batch]:
+    """Read bytes in workers; decode + transform batch k+1 on a side stream while batch k runs."""
+    loader = DataLoader(BytesDataset(eval_set.samples, indices), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_list, prefetch_factor=4 if workers else None)
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def produce() -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for items in loader:
+                    batch = _prepare(items, protocol, device)
+                    if stream is not None:
+                        stream.synchronize()
+                    ready.put(batch)
+        except BaseException as error:  # surfaced in the consumer
+            ready.put(error)
+        ready.put(None)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    while (batch := ready.get()) is not None:
+        if isinstance(batch, BaseException):
+            raise batch
+        if stream is not None:
+            batch[0].record_stream(torch.cuda.current_stream(device))
+        yield batch
+    thread.join()
+
+
+# ---- distributed -------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world_size), initialising the process group from torchrun's environment if needed."""
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("PARITYPORT_DIST_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    return device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather_rows(rows: torch.Tensor, total: int, world: int, device: torch.device) -> torch.Tensor:
+    """all_gather per-rank rows [n_r, k] padded to ceil(total / world) (padding is never counted)."""
+    if world == 1:
+        return rows
+    per_rank = -(-total // world)
+    padded = torch.full((per_rank, rows.shape[1]), -2, dtype=torch.long, device=_comm_device(device))
+    padded[: len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    gathered = torch.cat(parts)
+    return gathered[gathered[:, 0] != -2]
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+def _settings(fast: bool, device: torch.device) -> None:
+    # faithful: strict fp32 (TF32 changes logits by ~1e-3 relative); fast: the throughput settings
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
+    torch.backends.cudnn.benchmark = fast and device.type == "cuda"
+
+
+def _scores(model: torch.nn.Module, pixels: torch.Tensor, labels: LabelMap, fast: bool) -> torch.Tensor:
+    if fast:
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16):
+            logits = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
+    else:
+        logits = model(pixel_values=pixels).logits
+    logits = logits.float()
+    if labels.logit_indices is not None:
+        logits = logits[:, torch.as_tensor(labels.logit_indices, device=logits.device)]
+    return logits
+
+
+def _progress(total: int, rank: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "original", device: str = "cpu",
+             batch_size: int = 64, workers: int = 4, fast: bool | None = None, limit: int | None = None,
+             compile: bool = False) -> dict[str, Any]:
+    """Top-1/top-5 of the folder's model on VAL_DIR with the named protocol; the result dict of `--json`.
+
+    `fast=None` picks the fast GPU pipeline on CUDA and the faithful one elsewhere; `fast=True`
+    off CUDA runs the same pipeline with CPU decode (for tests). Failed images count as wrong
+    and are listed. Under torch.distributed each rank evaluates images i % world == rank and
+    every rank returns the full result. Result keys: top1, top5 (percent), images, correct,
+    failures, failed_images, converted, images_per_s, protocol, model, data, layout,
+    label_mapping, device, pipeline, batch_size, world_size, predictions (top-1 output per
+    image, -1 for a failure, in the set's order).
+    """
+    rank, world = _world()
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and torch_device.index is None and world > 1:
+        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
+        torch.cuda.set_device(torch_device)  # NCCL collectives and all_gather_object use the current device
+    fast = torch_device.type == "cuda" if fast is None else fast
+    _settings(fast, torch_device)
+    eval_set = find_eval_set(data_dir, limit)
+    spec, transform = resolve_protocol(model_dir, protocol)
+    model = load_model(model_dir, torch_device)
+    labels = resolve_labels(eval_set, model.config)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+        model = torch.compile(model) if compile else model
+    indices = list(range(rank, len(eval_set.samples), world))
+    batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers) if fast
+               else _faithful_batches(eval_set, indices, transform, spec, torch_device, batch_size, workers))
+    rows, notes, elapsed = _run(model, batches, labels, fast, len(indices), rank)
+    return _result(eval_set, labels, rows, notes, elapsed, world, torch_device,
+                   {"protocol": protocol, "protocol_spec": spec.__dict__ | {"resize_side": spec.resize_side},
+                    "model": str(model_dir), "data": str(data_dir), "batch_size": batch_size,
+                    "pipeline": "fast" if fast else "faithful", "device": str(torch_device),
+                    "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"})
+
+
+@torch.inference_mode()
+def _run(model: torch.nn.Module, batches: Iterator[Batch], labels: LabelMap, fast: bool, total: int,
+         rank: int) -> tuple[torch.Tensor, dict[int, str], float]:
+    """Score every batch; rows are [index, ok, top-5 outputs...] per image (top-k padded with -1)."""
+    rows, notes = [], {}
+    start = time.perf_counter()
+    with _progress(total, rank) as bar:
+        for pixels, index, ok, batch_notes in batches:
+            scores = _scores(model, pixels, labels, fast)
+            k = min(5, scores.shape[1])
+            top = torch.full((len(index), 5), -1, dtype=torch.long)
+            top[:, :k] = scores.topk(k, dim=1).indices.cpu()
+            top[~ok] = -1  # a failed image predicts nothing and counts as wrong
+            rows.append(torch.cat([index.view(-1, 1), ok.long().view(-1, 1), top], dim=1))
+            notes.update({int(i): n for i, n in zip(index, batch_notes) if n})
+            bar.update(len(index))
+            bar.set_postfix(img_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.0f}")
+    if any(p.is_cuda for p in model.parameters()):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return (torch.cat(rows) if rows else torch.empty(0, 7, dtype=torch.long)), notes, elapsed
+
+
+def _result(eval_set: EvalSet, labels: LabelMap, rows: torch.Tensor, notes: dict[int, str], elapsed: float,
+            world: int, device: torch.device, meta: dict[str, Any]) -> dict[str, Any]:
+    total = len(eval_set.samples)
+    targets = labels.targets(eval_set.samples)
+    local = torch.tensor([
+        int((rows[:, 2] == targets[rows[:, 0]]).sum()) if len(rows) else 0,
+        int((rows[:, 2:] == targets[rows[:, 0]].view(-1, 1)).any(1).sum()) if len(rows) else 0,
+        int((rows[:, 1] == 0).sum()),
+    ], dtype=torch.float64)
+    timing = torch.tensor([elapsed], dtype=torch.float64)
+    if world > 1:
+        comm = _comm_device(device)
+        local, timing = local.to(comm), timing.to(comm)
+        dist.all_reduce(local)
+        dist.all_reduce(timing, op=dist.ReduceOp.MAX)
+        gathered_notes: list[dict[int, str]] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered_notes, notes)
+        notes = {k: v for part in gathered_notes for k, v in part.items()}
+    rows = _gather_rows(rows.to(_comm_device(device)), total, world, device).cpu()
+    predictions = torch.full((total,), -1, dtype=torch.long)
+    predictions[rows[:, 0]] = rows[:, 2]
+    failed = sorted(int(i) for i in rows[rows[:, 1] == 0, 0])
+    correct1, correct5, failures = (int(v) for v in local.cpu())
+    elapsed = float(timing.cpu()[0])
+    return {
+        **meta,
+        "top1": 100.0 * correct1 / max(total, 1),
+        "top5": 100.0 * correct5 / max(total, 1),
+        "images": total,
+        "correct": correct1,
+        "failures": failures,
+        "failed_images": [{"path": str(eval_set.samples[i].path), "error": notes.get(i, "")} for i in failed[:MAX_FAILURES_LISTED]],
+        "converted": _converted(notes, set(failed)),
+        "images_per_s": total / elapsed if elapsed > 0 else 0.0,
+        "seconds": elapsed,
+        "layout": eval_set.layout,
+        "layout_notes": eval_set.notes,
+        "label_mapping": labels.kind,
+        "world_size": world,
+        "predictions": predictions.tolist(),
+    }
+
+
+def _converted(notes: dict[int, str], failed: set[int]) -> dict[str, int]:
+    """How many images were decoded after a conversion (e.g. "PNG/RGBA", "JPEG/CMYK", "JPEG/L")."""
+    counts: dict[str, int] = {}
+    for index, note in notes.items():
+        if index not in failed:
+            counts[note] = counts.get(note, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def prediction_agreement(run_a: dict[str, Any], run_b: dict[str, Any]) -> dict[str, Any]:
+    """Agreement between two runs on the same set: % of images with the same top-1 output, and the top-1 gap.
+
+    Both runs must carry `predictions` of equal length (same data, same order).
+    """
+    a, b = run_a["predictions"], run_b["predictions"]
+    if len(a) != len(b):
+        raise InputError(None, f"runs have {len(a)} and {len(b)} predictions: not the same image set")
+    same = sum(int(x == y) for x, y in zip(a, b))
+    return {
+        "images": len(a),
+        "agreement": 100.0 * same / max(len(a), 1),
+        "disagreements": len(a) - same,
+        "top1_difference": run_a["top1"] - run_b["top1"],
+        "pipelines": [run_a.get("pipeline"), run_b.get("pipeline")],
+    }
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `parityport eval`'s options to a (sub)parser."""
+    parser.add_argument("--model", required=True, help="converted model folder (config.json + weights)")
+    parser.add_argument("--data", required=True, help="validation folder (class subfolders, ILSVRC2012 flat + devkit, or LOC csv)")
+    parser.add_argument("--protocol", choices=PROTOCOL_NAMES, default="original", help="preprocessing (default: original)")
+    parser.add_argument("--expect", type=float, help="expected top-1 (percent); exit 1 when off by more than --tolerance")
+    parser.add_argument("--tolerance", type=float, default=0.1, help="allowed |top1 - expect| in points (default 0.1)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fast", dest="fast", action="store_true", default=None, help="GPU decode + bf16 (default on CUDA)")
+    group.add_argument("--faithful", dest="fast", action="store_false", help="exact protocol transforms, fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (fast path)")
+    parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")
+    parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here")
+    parser.add_argument("--agree-with", type=Path, help="a previous --json result to compare predictions with")
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(None, "--device cuda but CUDA is not available here; use --device cpu")
+    if args.fast and not args.device.startswith("cuda"):
+        raise InputError(None, "--fast decodes on the GPU and needs --device cuda")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run `parityport eval` from parsed arguments; return the exit code (0 ok, 1 --expect missed, 2 bad input)."""
+    try:
+        _check_device(args)
+        result = evaluate(args.model, args.data, protocol=args.protocol, device=args.device, batch_size=args.batch_size,
+                          workers=args.workers, fast=args.fast, limit=args.limit, compile=args.compile)
+        if args.agree_with:
+            from parity.protocols import read_json
+
+            result["agreement"] = prediction_agreement(result, read_json(args.agree_with))
+    except InputError as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"parityport eval: error: {error}", file=sys.stderr)
+        return 2
+    if result.get("world_size", 1) > 1 and dist.get_rank() != 0:
+        return _exit_code(result, args, quiet=True)
+    print(_summary(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return _exit_code(result, args)
+
+
+def _summary(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['model']} on {result['data']} ({result['layout']}, {result['label_mapping']}), "
+        f"protocol {result['protocol']}, {result['pipeline']} pipeline on {result['device']}",
+        f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  images {result['images']}  "
+        f"{result['images_per_s']:.1f} img/s",
+    ]
+    if result["failures"]:
+        lines.append(f"failures: {result['failures']} images could not be decoded and count as wrong:")
+        lines += [f"  {f['path']}: {f['error']}" for f in result["failed_images"][:10]]
+    if result["converted"]:
+        lines.append("decoded after conversion to RGB: " + ", ".join(f"{k} x{v}" for k, v in result["converted"].items()))
+    if "agreement" in result:
+        a = result["agreement"]
+        lines.append(f"agreement with the other run: {a['agreement']:.3f}% of images, top-1 difference {a['top1_difference']:+.3f}")
+    return "\n".join(lines)
+
+
+def _exit_code(result: dict[str, Any], args: argparse.Namespace, quiet: bool = False) -> int:
+    if args.expect is None:
+        return 0
+    gap = result["top1"] - args.expect
+    if abs(gap) > args.tolerance:
+        if not quiet:
+            print(f"top-1 {result['top1']:.3f}% is {gap:+.3f} points from the expected {args.expect:.3f}% "
+                  f"(tolerance {args.tolerance})", file=sys.stderr)
+        return 1
+    if not quiet:
+        print(f"top-1 within {args.tolerance} of the expected {args.expect:.3f}% (gap {gap:+.3f})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m parity.eval_run ...` (the same options as `parityport eval`)."""
+    parser = argparse.ArgumentParser(prog="parityport eval", description=__doc__.split("\n\n")[0])
+    add_eval_arguments(parser)
+    try:
+        return run_eval(parser.parse_args(argv))
+    finally:
+        if dist.is_available() and dist.is_initialized() and "TORCHELASTIC_RUN_ID" in os.environ:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Evaluation preprocessing protocols: data per model family, and the two ways to apply them.
+
+A `Protocol` says how one image becomes the model's input tensor: resize
+policy (squash to a square, or shorter side then keep the ratio), the resize
+side, the centre crop, the interpolation and the normalisation. The ORIGINAL
+table holds each family's published eval pipeline; `hub` reads the folder's
+preprocessor_config.json and `timm` reads timm's pretrained config for the
+matching model, both also expressed as a `Protocol` so the GPU path can apply
+them.
+
+Two appliers:
+- `faithful_transform` runs on a PIL image in a DataLoader worker, with the
+  exact library code of the protocol (torchvision PIL transforms for
+  `original`, the transformers PIL image processor for `hub`, timm's
+  `create_transform` for `timm`).
+- `batch_transform` runs on decoded uint8 tensors (any device), resizing each
+  image with antialiasing, rounding to uint8 levels as PIL does, then
+  centre-cropping and normalising the batch.
+
+Folder overrides (for models evaluated at their own resolution): an optional
+``"parityport": {...}`` block in preprocessor_config.json, or
+``"parityport_eval": {...}`` in config.json (the former wins), with keys
+``image_size`` (final crop side), ``crop_pct`` (resize side =
+floor(image_size / crop_pct)), ``resize_size`` (explicit resize side, wins
+over crop_pct) and ``timm_model`` (timm pretrained-config name). They apply to
+the `original` and `timm` protocols; `hub` follows the processor file itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+from converters.errors import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)  # maps [0, 1] to [-1, 1]
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+PROTOCOL_NAMES = ("original", "hub", "timm")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One eval preprocessing pipeline as data.
+
+    ``resize`` is "squash" (both sides to `resize_side`) or "shorter" (shorter
+    side to `resize_side`, ratio kept); then a centre crop of `image_size`
+    (a no-op when the resized image already has that size).
+    """
+
+    name: str
+    resize: str  # "squash" | "shorter"
+    image_size: int
+    crop_pct: float
+    interpolation: str  # "bilinear" | "bicubic"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_size: int | None = None
+
+    @property
+    def resize_side(self) -> int:
+        """The resize target side: explicit, or floor(image_size / crop_pct) as timm and BEiT do."""
+        return self.resize_size or math.floor(self.image_size / self.crop_pct)
+
+
+# The published eval pipelines (shared/research/bit.md §5, data2vec.md §4).
+ORIGINAL: dict[str, Protocol] = {
+    # big_transfer bit_pytorch: Resize((480, 480)) bilinear, no crop, Normalize(0.5, 0.5) -> [-1, 1]
+    "bit": Protocol("bit-original", "squash", 480, 1.0, "bilinear", INCEPTION_MEAN, INCEPTION_STD),
+    # BEiT datasets.build_transform: Resize(int(224 / 0.875) = 256, bicubic) + CenterCrop(224), inception norms
+    "data2vec-vision": Protocol(
+        "data2vec-original", "shorter", 224, 0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD
+    ),
+    # fairseq mae_finetuning_image_dataset: Resize(256, bicubic) + CenterCrop(224), ImageNet mean/std
+    "data2vec2-vision": Protocol(
+        "data2vec2-original", "shorter", 224, 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD
+    ),
+}
+
+# timm pretrained configs that stand for each family (timm has no data2vec entry:
+# BEiT is the same architecture for 1.0, MAE ViT shares 2.0's normalisation).
+TIMM_PEERS: dict[str, Callable[[dict], str]] = {
+    "bit": lambda c: "resnetv2_{}x{}_bit.{}".format(
+        {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}.get(tuple(c.get("depths", ())), 50),
+        max(1, int(c.get("hidden_sizes", [256])[0]) // 256),
+        "goog_in21k" if len(c.get("id2label", {})) == 21843 else "goog_in21k_ft_in1k",
+    ),
+    "data2vec-vision": lambda c: {1024: "beit_large_patch16_224.in22k_ft_in22k_in1k"}.get(
+        c.get("hidden_size"), "beit_base_patch16_224.in22k_ft_in22k_in1k"
+    ),
+    "data2vec2-vision": lambda c: {1024: "vit_large_patch16_224.mae", 1280: "vit_huge_patch14_224.mae"}.get(
+        c.get("hidden_size"), "vit_base_patch16_224.mae"
+    ),
+}
+
+_PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
+_INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+_OVERRIDE_KEYS = {"image_size", "crop_pct", "resize_size", "timm_model"}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, or {} when the file does not exist; a broken file is an InputError."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(path, f"cannot read JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "expected a JSON object")
+    return data
+
+
+def folder_overrides(model_dir: Path) -> dict[str, Any]:
+    """The folder's eval overrides (module docstring): preprocessor block over config block."""
+    block = {
+        **read_json(model_dir / "config.json").get("parityport_eval", {}),
+        **read_json(model_dir / "preprocessor_config.json").get("parityport", {}),
+    }
+    unknown = set(block) - _OVERRIDE_KEYS
+    if unknown:
+        raise InputError(model_dir, f"unknown eval override keys {sorted(unknown)}; known: {sorted(_OVERRIDE_KEYS)}")
+    return block
+
+
+def apply_overrides(protocol: Protocol, overrides: dict[str, Any]) -> Protocol:
+    """Return `protocol` with the folder's image_size / crop_pct / resize_size applied."""
+    fields = {k: overrides[k] for k in ("image_size", "crop_pct", "resize_size") if k in overrides}
+    if "image_size" in fields and "resize_size" not in fields and "crop_pct" not in fields:
+        fields["resize_size"] = None  # keep the protocol's crop_pct at the new size
+    return dataclasses.replace(protocol, **fields)
+
+
+def model_family(model_dir: Path) -> str:
+    """The family named by config.json's model_type ("bit", "data2vec-vision", "data2vec2-vision", ...)."""
+    config = read_json(model_dir / "config.json")
+    if "model_type" not in config:
+        raise InputError(model_dir / "config.json", "missing (or without model_type): not a model folder")
+    return str(config["model_type"])
+
+
+# ---- resolving a protocol name to (Protocol, faithful transform) -------------------------------
+
+
+def _original(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tensor]]:
+    family = model_family(model_dir)
+    if family not in ORIGINAL:
+        raise InputError(model_dir, f"no original protocol for model_type {family!r}; known: {sorted(ORIGINAL)}")
+    protocol = apply_overrides(ORIGINAL[family], folder_overrides(model_dir))
+    return protocol, torchvision_transform(protocol)
+
+
+def _hub(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tensor]]:
+    from transformers import AutoImageProcessor
+
+    if not (model_dir / "preprocessor_config.json").is_file():
+        raise InputError(model_dir, "protocol 'hub' needs preprocessor_config.json")
+    processor = AutoImageProcessor.from_pretrained(str(model_dir), backend="pil")
+    return protocol_from_processor(processor.to_dict()), _ProcessorTransform(processor)
+
+
+def _timm(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tensor]]:
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    overrides = folder_overrides(model_dir)
+    family = model_family(model_dir)
+    name = overrides.get("timm_model") or (TIMM_PEERS[family](read_json(model_dir / "config.json")) if family in TIMM_PEERS else None)
+    cfg = get_pretrained_cfg(name) if name else None
+    if cfg is None:
+        raise InputError(model_dir, f"no timm config for model_type {family!r} (set parityport.timm_model)")
+    data = resolve_data_config(pretrained_cfg=cfg.to_dict())
+    protocol = Protocol(
+        f"timm:{name}",
+        "squash" if data["crop_mode"] == "squash" else "shorter",
+        int(data["input_size"][-1]),
+        float(data["crop_pct"]),
+        data["interpolation"],
+        tuple(data["mean"]),
+        tuple(data["std"]),
+    )
+    protocol = apply_overrides(protocol, overrides)
+    # timm computes the resize side as floor(size / crop_pct); pass a crop_pct that lands on ours exactly.
+    crop_pct = protocol.image_size / (protocol.resize_side + 0.5)
+    transform = create_transform(
+        input_size=(3, protocol.image_size, protocol.image_size),
+        interpolation=protocol.interpolation,
+        mean=protocol.mean,
+        std=protocol.std,
+        crop_pct=crop_pct,
+        crop_mode=data["crop_mode"],
+    )
+    return protocol, transform
+
+
+RESOLVERS: dict[str, Callable[[Path], tuple[Protocol, Callable[[Image.Image], torch.Tensor]]]] = {
+    "original": _original,
+    "hub": _hub,
+    "timm": _timm,
+}
+
+
+def resolve_protocol(model_dir: str | Path, name: str) -> tuple[Protocol, Callable[[Image.Image], torch.Tensor]]:
+    """Return the `Protocol` for `name` on this folder and its faithful PIL → tensor transform."""
+    if name not in RESOLVERS:
+        raise InputError(None, f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOL_NAMES)}")
+    return RESOLVERS[name](Path(model_dir))
+
+
+def protocol_from_processor(cfg: dict[str, Any]) -> Protocol:
+    """Express a transformers image-processor config (size/crop/resample/mean/std) as a `Protocol`."""
+    size = cfg.get("size") or {}
+    size = {"height": size, "width": size} if isinstance(size, int) else size
+    crop = cfg.get("crop_size") or {}
+    crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+    if "shortest_edge" in size:
+        resize, side = "shorter", int(size["shortest_edge"])
+    elif size.get("height") is not None and size.get("height") == size.get("width"):
+        resize, side = "squash", int(size["height"])
+    else:
+        raise InputError(None, f"image processor size {size} is not a square or shortest_edge resize")
+    image_size = int(crop.get("height", side)) if cfg.get("do_center_crop") else side
+    normalize = cfg.get("do_normalize", True)
+    return Protocol(
+        "hub",
+        resize,
+        image_size,
+        1.0,
+        _PIL_RESAMPLE.get(int(cfg.get("resample", 2)), "bilinear"),
+        tuple(cfg.get("image_mean") or (0.0,) * 3) if normalize else (0.0,) * 3,
+        tuple(cfg.get("image_std") or (1.0,) * 3) if normalize else (1.0,) * 3,
+        resize_size=side,
+    )
+
+
+class _ProcessorTransform:
+    """A picklable PIL → CHW float tensor wrapper around a transformers image processor."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def torchvision_transform(protocol: Protocol) -> Callable[[Image.Image], torch.Tensor]:
+    """The faithful transform: torchvision's PIL Resize (PIL's antialiased filters) + CenterCrop + Normalize."""
+    side = protocol.resize_side
+    return T.Compose(
+        [
+            T.Resize((side, side) if protocol.resize == "squash" else side, interpolation=_INTERP[protocol.interpolation]),
+            T.CenterCrop(protocol.image_size),
+            T.ToTensor(),
+            T.Normalize(protocol.mean, protocol.std),
+        ]
+    )
+
+
+# ---- the tensor path (GPU in practice, any device in tests) ------------------------------------
+
+
+def resized_shape(height: int, width: int, protocol: Protocol) -> tuple[int, int]:
+    """The (H, W) after the protocol's resize, with torchvision's rounding for the shorter side."""
+    side = protocol.resize_side
+    if protocol.resize == "squash":
+        return side, side
+    short, long = (height, width) if height <= width else (width, height)
+    other = int(side * long / short)  # torchvision _compute_resized_output_size truncates
+    return (side, other) if height <= width else (other, side)
+
+
+def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of torchvision's CenterCrop: int(round((H - size) / 2))."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def resize_one(image: torch.Tensor, protocol: Protocol) -> torch.Tensor:
+    """Resize + centre-crop one uint8 CHW image to float CHW holding uint8 levels (as PIL rounds)."""
+    height, width = image.shape[-2:]
+    out_h, out_w = resized_shape(height, width, protocol)
+    x = image.unsqueeze(0).float()
+    # antialias=True is torch's port of PIL's filters (support scaled by the downscale factor,
+    # bicubic a = -0.5). PIL resizes 8-bit images horizontally first and rounds to uint8
+    # before the vertical pass: do the same, so most pixels match exactly.
+    for size_hw in ((height, out_w), (out_h, out_w)):
+        if tuple(x.shape[-2:]) != size_hw:
+            x = F.interpolate(x, size=size_hw, mode=protocol.interpolation, align_corners=False, antialias=True)
+            x = x.round_().clamp_(0, 255)
+    size = protocol.image_size
+    top, left = center_crop_box(out_h, out_w, size)
+    return x[0, :, top : top + size, left : left + size]
+
+
+def batch_transform(images: list[torch.Tensor], protocol: Protocol) -> torch.Tensor:
+    """Resize/crop each uint8 CHW image, stack, scale to [0, 1] and normalise: B, 3, S, S float32."""
+    batch = torch.stack([resize_one(image, protocol) for image in images])
+    mean = torch.tensor(protocol.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(protocol.std, device=batch.device).view(1, 3, 1, 1) * 255.0
+    return (batch - mean) / std

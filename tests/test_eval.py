@@ -1,0 +1,338 @@
+"""ImageNet evaluation harness: layouts, label mapping, protocols, failures, exit codes, JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parity import eval_data, protocols
+from parity.eval_run import evaluate, main, prediction_agreement
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]  # ImageNet-1k classes 0, 1, 2
+COUNTS = [4, 3, 3]  # images per class: 10 in all
+SMALL = {"image_size": 32, "crop_pct": 0.875}  # evaluate the tiny models at 32 (resize side 36)
+
+
+# ---- fixtures: tiny models and image sets ------------------------------------------------------
+
+
+def _image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(base).resize(size, Image.BILINEAR))
+    noise = rng.integers(-20, 20, smooth.shape)
+    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+
+
+def _biased(model: torch.nn.Module, order: list[int]) -> torch.nn.Module:
+    """Zero the head's weights and rank `order` first by bias: the prediction no longer depends on the image."""
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        for rank, cls in enumerate(order):
+            head.bias[cls] = 100.0 - rank
+    return model
+
+
+def make_bit(path: Path, num_labels: int = 1000, order: list[int] | None = None, id2label: dict | None = None,
+             seed: int = 0) -> Path:
+    """A tiny BiT classifier folder (with a 'parityport' size override) saved through save_pretrained."""
+    from transformers import BitConfig, BitForImageClassification, BitImageProcessor
+
+    torch.manual_seed(seed)
+    extra = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
+    config = BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="preactivation",
+                       global_padding=None, embedding_dynamic_padding=False, num_groups=2, num_labels=num_labels, **extra)
+    model = BitForImageClassification(config)
+    if order is not None:
+        _biased(model, order)
+    model.save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=2,
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    _add_override(path)
+    return path
+
+
+def _add_override(path: Path) -> None:
+    config_file = path / "preprocessor_config.json"
+    data = json.loads(config_file.read_text())
+    data["parityport"] = SMALL
+    config_file.write_text(json.dumps(data))
+
+
+def make_data2vec(path: Path, order: list[int]) -> Path:
+    from transformers import BeitImageProcessor, Data2VecVisionConfig, Data2VecVisionForImageClassification
+
+    config = Data2VecVisionConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, use_mean_pooling=True, num_labels=1000)
+    _biased(Data2VecVisionForImageClassification(config), order).save_pretrained(path)
+    BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False, resample=3,
+                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    _add_override(path)
+    return path
+
+
+def make_class_folders(root: Path, names: list[str] = WNIDS, counts: list[int] = COUNTS) -> Path:
+    seed = 0
+    for name, count in zip(names, counts):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            _image(seed := seed + 1).save(root / name / f"img_{i}.JPEG", quality=90)
+    return root
+
+
+def make_flat(root: Path, labels: list[int]) -> list[Path]:
+    root.mkdir(parents=True)
+    paths = [root / f"ILSVRC2012_val_{n:08d}.JPEG" for n in range(1, len(labels) + 1)]
+    for seed, path in enumerate(paths):
+        _image(seed).save(path, quality=90)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bit_class1(tmp_path_factory) -> Path:
+    """Predicts ImageNet class 1, then 2, 0, 3, 4."""
+    return make_bit(tmp_path_factory.mktemp("bit") / "model", order=[1, 2, 0, 3, 4])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    return make_class_folders(tmp_path_factory.mktemp("val") / "val")
+
+
+def _eval(model: Path, data: Path, **kw):
+    kw = {"protocol": "original", "device": "cpu", "batch_size": 4, "workers": 0, **kw}
+    return evaluate(model, data, **kw)
+
+
+# ---- layouts and label mapping -----------------------------------------------------------------
+
+
+def test_class_folders_known_top1(bit_class1, folders):
+    result = _eval(bit_class1, folders)
+    assert result["layout"] == "class-folders" and result["label_mapping"] == "imagenet-1k"
+    assert result["images"] == 10 and result["failures"] == 0
+    assert result["top1"] == pytest.approx(30.0)  # 3 of 10 images are class 1
+    assert result["top5"] == pytest.approx(100.0)  # classes 0, 1, 2 are all in the top 5
+    assert result["predictions"] == [1] * 10
+    assert result["protocol_spec"]["resize_side"] == 36 and result["pipeline"] == "faithful"
+
+
+def test_data2vec_and_workers(tmp_path, folders):
+    model = make_data2vec(tmp_path / "d2v", order=[0, 5, 6, 7, 8])
+    result = _eval(model, folders, workers=2, batch_size=3)
+    assert result["top1"] == pytest.approx(40.0) and result["top5"] == pytest.approx(40.0)
+    assert result["protocol_spec"]["name"] == "data2vec-original"
+
+
+def test_flat_devkit_with_id_list_and_meta_mat(tmp_path, bit_class1):
+    # ILSVRC2012_IDs are NOT sorted-wnid positions: use a reversed order to prove the mapping is used
+    by_id = list(reversed(eval_data.imagenet1k_wnids()))
+    ids_of = {w: i + 1 for i, w in enumerate(by_id)}
+    labels = [1, 1, 0, 2, 1, 0]  # sorted-wnid classes of images 1..6
+    val = tmp_path / "val"
+    make_flat(val, labels)
+    lines = [ids_of[eval_data.imagenet1k_wnids()[c]] for c in labels] + [ids_of[WNIDS[0]]] * 4  # 4 without image
+    (val / eval_data.GROUND_TRUTH).write_text("\n".join(map(str, lines)) + "\n")
+    (val / eval_data.WNIDS_BY_ID).write_text("\n".join(by_id) + "\n")
+    result = _eval(bit_class1, val)
+    assert result["layout"] == "ilsvrc-devkit" and result["layout_notes"]["labels_without_image"] == 4
+    assert result["top1"] == pytest.approx(50.0)
+
+    scipy_io = pytest.importorskip("scipy.io")
+    (val / eval_data.WNIDS_BY_ID).unlink()
+    devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    synsets = np.array([(i + 1, w, 0) for i, w in enumerate(by_id)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    scipy_io.savemat(devkit / "meta.mat", {"synsets": synsets})
+    assert [s.label for s in eval_data.find_eval_set(val).samples] == [eval_data.imagenet1k_wnids()[c] for c in labels]
+
+
+def test_loc_csv_kaggle_tree(tmp_path, bit_class1):
+    images = tmp_path / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC" / "val"
+    paths = make_flat(images, [0] * 5)
+    rows = [f"{p.stem},{WNIDS[c]} 1 2 3 4 {WNIDS[c]} 5 6 7 8" for p, c in zip(paths, [1, 0, 1, 2, 1])]
+    (tmp_path / "kaggle" / eval_data.LOC_CSV).write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    for data in (tmp_path / "kaggle", images):
+        result = _eval(bit_class1, data)
+        assert result["layout"] == "loc-csv" and result["top1"] == pytest.approx(60.0)
+
+
+def test_generic_folders_by_id2label_and_sorted(tmp_path):
+    data = make_class_folders(tmp_path / "data", ["apple", "mango", "zebra"], [1, 2, 3])
+    named = make_bit(tmp_path / "named", 3, order=[0], id2label={0: "zebra", 1: "apple", 2: "mango"})
+    result = _eval(named, data)
+    assert result["label_mapping"] == "id2label" and result["top1"] == pytest.approx(50.0)
+    plain = make_bit(tmp_path / "plain", 4, order=[0])
+    result = _eval(plain, data)
+    assert result["label_mapping"] == "sorted-folders" and result["top1"] == pytest.approx(100 / 6)
+
+
+def test_in21k_head_scored_on_1k(tmp_path, folders):
+    to_21k = eval_data.in21k_to_in1k_indices()
+    assert len(to_21k) == 1000 and len(set(to_21k)) == 1000
+    not_in1k = next(i for i in range(21843) if i not in set(to_21k))
+    # the largest logit is a class outside ImageNet-1k: scoring must ignore it
+    model = make_bit(tmp_path / "m21k", 21843, order=[not_in1k, to_21k[2], to_21k[0]])
+    result = _eval(model, folders)
+    assert result["label_mapping"] == "imagenet-21k→1k"
+    assert result["top1"] == pytest.approx(30.0) and result["predictions"] == [2] * 10
+
+
+def test_limit_keeps_every_class(folders):
+    labels = [s.label for s in eval_data.find_eval_set(folders, limit=3).samples]
+    assert sorted(set(labels)) == WNIDS
+
+
+# ---- protocols ---------------------------------------------------------------------------------
+
+
+def test_bit_squash_to_minus_one_one():
+    # rows constant: a width-only squash keeps each row's value; [0, 255] maps to [-1, 1]
+    rows = np.array([0, 51, 204, 255], dtype=np.uint8)
+    image = Image.fromarray(np.repeat(rows[:, None, None], 8 * 3, axis=1).reshape(4, 8, 3))
+    spec = protocols.apply_overrides(protocols.ORIGINAL["bit"], {"image_size": 4})
+    assert (spec.resize, spec.resize_side, spec.interpolation) == ("squash", 4, "bilinear")
+    out = protocols.torchvision_transform(spec)(image)
+    expected = torch.tensor([-1.0, -0.6, 0.6, 1.0]).view(1, 4, 1).expand(3, 4, 4)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_data2vec_shorter_side_then_center_crop():
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 2
+    spec = protocols.apply_overrides(protocols.ORIGINAL["data2vec-vision"], {"image_size": 4, "crop_pct": 1.0})
+    out = protocols.torchvision_transform(spec)(Image.fromarray(pixels))
+    # shorter side already 4: no resize; the crop keeps columns 1..4; mean/std 0.5
+    expected = torch.from_numpy(pixels[:, 1:5].astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert protocols.ORIGINAL["data2vec-vision"].resize_side == 256  # int(224 / 0.875)
+    assert protocols.ORIGINAL["data2vec2-vision"].mean == protocols.IMAGENET_MEAN
+
+
+@pytest.mark.parametrize("family", ["bit", "data2vec-vision"])
+def test_tensor_path_matches_faithful(family):
+    spec = protocols.apply_overrides(protocols.ORIGINAL[family], {"image_size": 24})
+    image = _image(7, (61, 45))
+    faithful = protocols.torchvision_transform(spec)(image)
+    tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    fast = protocols.batch_transform([tensor], spec)[0]
+    step = 1 / 127.5  # one uint8 level after normalisation with std 0.5
+    assert (fast - faithful).abs().max() <= 1.01 * step
+    assert ((fast - faithful).abs() > step / 2).float().mean() <= 0.01  # PIL-exact but for rare rounding ties
+
+
+def test_hub_and_timm_protocols(bit_class1):
+    hub, transform = protocols.resolve_protocol(bit_class1, "hub")
+    assert (hub.resize, hub.resize_side, hub.image_size, hub.interpolation) == ("shorter", 36, 32, "bilinear")
+    assert transform(_image(1)).shape == (3, 32, 32)
+    timm, transform = protocols.resolve_protocol(bit_class1, "timm")
+    assert timm.name.startswith("timm:resnetv2_") and timm.image_size == 32 and timm.resize_side == 36
+    assert transform(_image(1)).shape == (3, 32, 32)
+    assert protocols.TIMM_PEERS["bit"]({"depths": [3, 4, 6, 3], "hidden_sizes": [256]}) == "resnetv2_50x1_bit.goog_in21k_ft_in1k"
+
+
+# ---- failures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory) -> Path:
+    root = make_class_folders(tmp_path_factory.mktemp("odd") / "val", WNIDS[:2], [2, 1])
+    odd = root / WNIDS[1]
+    _image(20).save(odd / "png.JPEG", format="PNG")
+    _image(21).convert("L").save(odd / "gray.JPEG", quality=90)
+    _image(22).convert("CMYK").save(odd / "cmyk.JPEG", quality=90)
+    full = (root / WNIDS[0] / "img_0.JPEG").read_bytes()
+    (odd / "truncated.JPEG").write_bytes(full[: len(full) // 2])
+    (odd / "garbage.JPEG").write_bytes(b"not an image at all")
+    return root
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_odd_images_decoded_or_counted(bit_class1, odd_images, fast):
+    result = _eval(bit_class1, odd_images, fast=fast)
+    assert result["images"] == 8 and result["failures"] == 2
+    failed = sorted(Path(f["path"]).name for f in result["failed_images"])
+    assert failed == ["garbage.JPEG", "truncated.JPEG"]
+    assert result["converted"] == {"JPEG/CMYK": 1, "JPEG/L": 1, "PNG/RGB": 1}
+    assert result["top1"] == pytest.approx(400 / 8)  # 6 images of class 1, 2 of them failed (wrong)
+    assert result["pipeline"] == ("fast" if fast else "faithful")
+
+
+def test_jpeg_header_routing(odd_images):
+    comps = {p.name: eval_data.jpeg_components(p.read_bytes()) for p in (odd_images / WNIDS[1]).iterdir()}
+    assert comps["img_0.JPEG"] == 3 and comps["gray.JPEG"] == 1 and comps["cmyk.JPEG"] == 4
+    assert comps["png.JPEG"] is None and comps["garbage.JPEG"] is None
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def test_bad_layout_exits_2(tmp_path, bit_class1, capsys):
+    flat = tmp_path / "flat"
+    make_flat(flat, [0, 1])  # flat files but no ground truth: no layout matches
+    assert main(["--model", str(bit_class1), "--data", str(flat), "--device", "cpu", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "expected one of" in err and "ILSVRC2012_validation_ground_truth.txt" in err and "class subfolders" in err
+    assert main(["--model", str(tmp_path), "--data", str(flat), "--device", "cpu"]) == 2
+
+
+def test_expect_and_json(tmp_path, bit_class1, folders, capsys):
+    out = tmp_path / "r.json"
+    args = ["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--workers", "0", "--json", str(out)]
+    assert main(args + ["--expect", "30.05"]) == 0
+    result = json.loads(out.read_text())
+    for key in ("top1", "top5", "images", "images_per_s", "protocol", "model", "device", "failures", "failed_images"):
+        assert key in result
+    assert (result["top1"], result["images"], result["device"], result["protocol"]) == (30.0, 10, "cpu", "original")
+    assert main(args + ["--expect", "30.2"]) == 1
+    assert "-0.200 points" in capsys.readouterr().err
+    assert main(args + ["--expect", "31", "--tolerance", "1.5", "--agree-with", str(out)]) == 0
+    assert json.loads(out.read_text())["agreement"]["agreement"] == 100.0
+    assert main(args + ["--fast"]) == 2  # the fast path needs CUDA
+
+
+def test_prediction_agreement():
+    a = {"predictions": [1, 2, 3, 4], "top1": 50.0, "pipeline": "faithful"}
+    b = {"predictions": [1, 2, 0, 4], "top1": 25.0, "pipeline": "fast"}
+    result = prediction_agreement(a, b)
+    assert (result["agreement"], result["disagreements"], result["top1_difference"]) == (75.0, 1, 25.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_gpu_path_matches_faithful(tmp_path, bit_class1, odd_images):
+    faithful = _eval(bit_class1, odd_images, fast=False, device="cuda")
+    fast = _eval(bit_class1, odd_images, fast=True, device="cuda")
+    assert fast["pipeline"] == "fast" and fast["failures"] == faithful["failures"] == 2
+    assert prediction_agreement(fast, faithful)["agreement"] == 100.0
+    random_model = make_bit(tmp_path / "rand", 1000, seed=3)
+    data = make_class_folders(tmp_path / "many", WNIDS, [20, 20, 20])
+    a, b = _eval(random_model, data, fast=True, device="cuda"), _eval(random_model, data, fast=False, device="cuda")
+    assert prediction_agreement(a, b)["agreement"] >= 90.0
+
+
+def test_bench_eval_cpu_smoke(tmp_path):
+    from parity import bench_eval
+
+    out = tmp_path / "eval.json"
+    args = ["--device", "cpu", "--images", "6", "--workers", "0", "--batch-size", "3", "--cache", str(tmp_path), "--out", str(out)]
+    assert bench_eval.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu") and len(report["runs"]) == 2
+    for run in report["runs"]:
+        assert all(run[p]["images"] == 6 and run[p]["images_per_s"] > 0 for p in ("faithful", "fast", "baseline"))
+        assert run["agreement_fast_vs_faithful"]["images"] == 6
+
+
+def test_hub_protocol_for_data2vec_squash(tmp_path):
+    model = make_data2vec(tmp_path / "d2v", order=[0])
+    hub, transform = protocols.resolve_protocol(model, "hub")
+    assert (hub.resize, hub.resize_side, hub.image_size, hub.interpolation) == ("squash", 32, 32, "bicubic")
+    assert transform(_image(2, (50, 30))).shape == (3, 32, 32)

@@ -1,0 +1,49 @@
+"""Sharded evaluation (gloo, CPU): 2 processes give exactly the 1-process result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from test_eval import WNIDS, make_bit, make_class_folders  # noqa: E402  (tests/ is on sys.path)
+
+
+def _worker(rank: int, world: int, model: str, data: str, rendezvous: str, out: str) -> None:
+    from parity.eval_run import evaluate
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        result = evaluate(model, data, protocol="original", device="cpu", batch_size=3, workers=0, fast=False)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one(tmp_path):
+    from parity.eval_run import evaluate
+
+    # random weights (predictions vary by image); 11 images so the shards are uneven (6 + 5)
+    model = make_bit(tmp_path / "model", 1000, seed=1)
+    with torch.no_grad():
+        from transformers import AutoModelForImageClassification
+
+        m = AutoModelForImageClassification.from_pretrained(model)
+        torch.nn.init.normal_(m.classifier[1].weight, std=5.0)  # well-separated logits: no near ties
+        m.save_pretrained(model)
+    data = make_class_folders(tmp_path / "val", WNIDS, [5, 3, 3])
+    single = evaluate(model, data, protocol="original", device="cpu", batch_size=4, workers=0, fast=False)
+    assert len(set(single["predictions"])) > 1  # the check means something only if predictions vary
+
+    mp.spawn(_worker, args=(2, str(model), str(data), str(tmp_path / "rdv"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        multi = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert multi["world_size"] == 2 and multi["images"] == 11
+        assert multi["predictions"] == single["predictions"]
+        for key in ("top1", "top5", "correct", "failures"):
+            assert multi[key] == single[key], key
+
