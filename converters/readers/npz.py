@@ -1,0 +1,233 @@
+"""Read an untrusted `.npz` (np.savez / np.savez_compressed) lazily and without pickle.
+
+The zip central directory is parsed with `zipfile`; every `.npy` member's header
+is parsed and checked (name, dtype, shape, byte count, compression ratio) before
+a single array byte is read or allocated. `allow_pickle` is never involved: an
+object dtype is refused outright. Each tensor's loader reopens the archive and
+reads only its own member, so peak memory is one tensor.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from converters.errors import InputError, UnsafeInputError
+from converters.tensors import Checkpoint, LazyTensor
+
+# A deflate stream cannot expand more than ~1032:1; anything above is a crafted member.
+MAX_MEMBER_RATIO = 1100
+# The whole archive may not declare more than this many times its own size once
+# it is past a small floor (real weights compress ~1.1:1; only zeros compress more).
+MAX_ARCHIVE_RATIO = 100
+ARCHIVE_RATIO_FLOOR = 256 * 2**20
+MAX_TOTAL_BYTES = 64 * 2**30
+MAX_HEADER_BYTES = 10_000
+MAX_NDIM = 32
+PLAIN_KINDS = "biufc"  # bool, signed, unsigned, float, complex
+_CHUNK = 2**20
+# Version 3.0 only adds utf-8 field names, i.e. structured dtypes, which are refused anyway.
+_HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0,
+                   (2, 0): npy_format.read_array_header_2_0}
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: str          # the zip member name, with `.npy`
+    shape: tuple[int, ...]
+    dtype: np.dtype    # as stored (byte order included)
+    fortran: bool
+    header_len: int
+    nbytes: int
+
+
+def read_npz(path: str | Path) -> Checkpoint:
+    """Open an `.npz` archive and describe its arrays without reading their data.
+
+    Every member must be a `.npy` array with a plain numeric dtype whose header
+    agrees with the member's size; names with path tricks, duplicate names,
+    unsupported or suspicious compression (zip bombs) and truncated archives are
+    refused with an `InputError` naming the archive and the member (an
+    `UnsafeInputError` for object dtypes). Tensor names drop the `.npy` suffix;
+    arrays load as C-ordered, native little-endian numpy arrays.
+    """
+    path = Path(path)
+    with _open_zip(path) as archive:
+        infos = archive.infolist()
+        _check_directory(path, infos)
+        members = [_inspect_member(path, archive, info) for info in infos]
+    tensors = {m.name[: -len(".npy")]: _lazy(path, m) for m in members}
+    compressed = [m.name[: -len(".npy")] for m, info in zip(members, infos)
+                  if info.compress_type != zipfile.ZIP_STORED]
+    return Checkpoint(path, "npz", tensors, {"compressed_members": compressed})
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, OSError) as error:
+        raise InputError(path, f"truncated or not a zip archive ({_one_line(error)})") from None
+
+
+def _check_directory(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """Names, duplicates, compression methods and declared sizes, from the directory alone."""
+    if not infos:
+        raise InputError(path, "empty .npz archive (no arrays)")
+    seen: set[str] = set()
+    for info in infos:
+        _check_name(path, info)
+        if info.filename in seen:
+            raise UnsafeInputError(path, f"duplicate member name {info.filename!r}")
+        seen.add(info.filename)
+        _check_compression(path, info)
+    total = sum(info.file_size for info in infos)
+    archive_size = path.stat().st_size
+    if total > MAX_TOTAL_BYTES:
+        raise InputError(path, f"archive declares {total} bytes, over the {MAX_TOTAL_BYTES} limit")
+    if total > ARCHIVE_RATIO_FLOOR and total > MAX_ARCHIVE_RATIO * archive_size:
+        raise UnsafeInputError(path, f"zip bomb: {archive_size} bytes declare {total} bytes of arrays")
+
+
+def _check_name(path: Path, info: zipfile.ZipInfo) -> None:
+    name = info.orig_filename
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    tricky = ("\x00" in name or name.startswith(("/", "\\")) or ".." in parts
+              or (len(name) > 1 and name[1] == ":"))
+    if tricky:
+        raise UnsafeInputError(path, f"member name with a path trick: {name!r}")
+    if not name.endswith(".npy") or info.is_dir():
+        raise InputError(path, f"member {name!r} is not a .npy array")
+
+
+def _check_compression(path: Path, info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    if info.flag_bits & 0x1:
+        raise InputError(path, f"member {name!r} is encrypted")
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.compress_size != info.file_size:
+            raise InputError(path, f"member {name!r}: stored size {info.compress_size} "
+                                   f"!= declared size {info.file_size}")
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        if info.file_size > MAX_MEMBER_RATIO * max(info.compress_size, 1) + 4096:
+            raise UnsafeInputError(path, f"zip bomb: member {name!r} declares {info.file_size} "
+                                         f"bytes from {info.compress_size} compressed")
+    else:
+        raise InputError(path, f"member {name!r} uses unsupported compression "
+                               f"method {info.compress_type}")
+
+
+def _inspect_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
+    try:
+        with archive.open(info) as stream:
+            return _parse_header(path, info, stream)
+    except InputError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
+            RuntimeError) as error:
+        raise InputError(path, f"member {info.filename!r}: truncated or corrupt "
+                               f"({_one_line(error)})") from None
+
+
+def _parse_header(path: Path, info: zipfile.ZipInfo, stream) -> _Member:
+    name = info.filename
+    try:
+        version = npy_format.read_magic(stream)
+        reader = _HEADER_READERS.get(version)
+        if reader is None:
+            raise ValueError(f".npy format version {version} is not supported")
+        shape, fortran, dtype = reader(stream, max_header_size=MAX_HEADER_BYTES)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError,
+            UnicodeDecodeError, OverflowError, KeyError, EOFError) as error:
+        raise InputError(path, f"member {name!r}: bad .npy header ({_one_line(error)})") from None
+    _check_dtype(path, name, dtype)
+    _check_shape(path, name, shape)
+    header_len = stream.tell()
+    nbytes = _prod(shape) * dtype.itemsize
+    if header_len + nbytes != info.file_size:
+        raise InputError(path, f"member {name!r}: header declares {dtype}{list(shape)} = "
+                               f"{nbytes} bytes but the member holds "
+                               f"{info.file_size - header_len}")
+    return _Member(name, tuple(shape), dtype, bool(fortran), header_len, nbytes)
+
+
+def _check_dtype(path: Path, name: str, dtype: np.dtype) -> None:
+    if dtype.hasobject:
+        raise UnsafeInputError(path, f"member {name!r} has an object dtype ({dtype}); "
+                                     "object arrays need pickle and are refused")
+    if dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in PLAIN_KINDS:
+        raise InputError(path, f"member {name!r} has unsupported dtype {dtype} "
+                               "(only plain numeric dtypes are read)")
+
+
+def _check_shape(path: Path, name: str, shape: tuple[int, ...]) -> None:
+    if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
+        raise InputError(path, f"member {name!r} has an invalid shape {list(shape)}")
+    if _prod(shape) > MAX_TOTAL_BYTES:
+        raise InputError(path, f"member {name!r} declares an absurd shape {list(shape)}")
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
+
+
+def _lazy(path: Path, member: _Member) -> LazyTensor:
+    dtype = member.dtype.newbyteorder("<") if member.dtype.itemsize > 1 else member.dtype
+    return LazyTensor(member.shape, dtype, lambda: _load(path, member))
+
+
+def _load(path: Path, member: _Member) -> np.ndarray:
+    """Re-check the member's header, then read exactly its declared bytes."""
+    with _open_zip(path) as archive:
+        try:
+            info = archive.getinfo(member.name)
+        except KeyError:
+            raise InputError(path, f"member {member.name!r} disappeared") from None
+        _check_compression(path, info)
+        try:
+            with archive.open(info) as stream:
+                if _parse_header(path, info, stream) != member:
+                    raise InputError(path, f"member {member.name!r} changed since it was opened")
+                flat = _read_exact(path, member, stream)
+        except InputError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError) as error:
+            raise InputError(path, f"member {member.name!r}: truncated or corrupt "
+                                   f"({_one_line(error)})") from None
+    return _arrange(flat, member)
+
+
+def _read_exact(path: Path, member: _Member, stream) -> np.ndarray:
+    flat = np.empty(member.nbytes, dtype=np.uint8)
+    view = memoryview(flat)
+    done = 0
+    while done < member.nbytes:
+        got = stream.readinto(view[done: done + _CHUNK])
+        if not got:
+            raise InputError(path, f"member {member.name!r}: truncated after {done} of "
+                                   f"{member.nbytes} bytes")
+        done += got
+    stream.read(1)  # reach the end so zipfile verifies the CRC
+    return flat
+
+
+def _arrange(flat: np.ndarray, member: _Member) -> np.ndarray:
+    array = flat.view(member.dtype)
+    if member.fortran:
+        array = array.reshape(member.shape[::-1]).transpose()
+    else:
+        array = array.reshape(member.shape)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:200]

@@ -1,0 +1,780 @@
+"""Read untrusted PyTorch checkpoints (`.pt`/`.pth`) without running their pickle.
+
+`torch.load` is never called. The pickle is read by a restricted unpickler whose
+`find_class` knows a short allowlist (`ALLOWED_GLOBALS`): tensor rebuild
+functions and storage types become lazy descriptors, `argparse.Namespace` and
+omegaconf containers become inert records, numpy scalars become numbers, and
+every other global is refused by name before it can be called. Persistent ids
+must be torch's `('storage', type, key, location, numel)`. Storage bytes are read
+later, one tensor at a time, straight from the file at a checked offset.
+
+Both containers are read: the zip format of torch >= 1.6 (`<name>/data.pkl`,
+`<name>/data/<key>`) and the legacy stream (magic number, protocol, sys_info,
+pickle, storage keys, raw storages).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import pickle
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import numpy as np
+
+from converters.errors import InputError, UnsafeInputError
+from converters.tensors import Checkpoint, LazyTensor
+
+MAX_PICKLE_BYTES = 256 * 2**20
+MAX_DEPTH = 200                 # nesting of containers in the unpickled object
+MAX_NODES = 5_000_000           # objects visited while flattening (memo reuse can fan out)
+MAX_NDIM = 32
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+_CHUNK = 2**20
+
+# storage type -> element dtype; bfloat16 has no numpy dtype and is widened on load.
+STORAGE_DTYPES = {
+    "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128", "UntypedStorage": "uint8",
+}
+# torch.<name> dtype objects that may appear as data or in _rebuild_tensor_v3.
+TORCH_DTYPES = {
+    "float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "float64": "float64", "double": "float64",
+    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32",
+    "int16": "int16", "short": "int16", "int8": "int8", "uint8": "uint8",
+    "uint16": "uint16", "uint32": "uint32", "uint64": "uint64", "bool": "bool",
+    "complex64": "complex64", "complex128": "complex128",
+}
+_ITEMSIZE = {"bfloat16": 2, **{n: np.dtype(n).itemsize for n in set(TORCH_DTYPES.values()) - {"bfloat16"}}}
+
+
+class _Bad(Exception):
+    """Malformed pickle content; becomes an InputError naming the file."""
+
+
+# ---------------------------------------------------------------- descriptors
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """A storage named by a persistent id: `elem_offset` is nonzero only for legacy views."""
+
+    key: str
+    dtype: str
+    numel: int
+    root: str
+    elem_offset: int = 0
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Bad("BUILD on a storage")
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    storage: _Storage
+    dtype: str
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Bad("BUILD on a tensor")
+
+
+class _Global:
+    """What `find_class` returns: a name, optionally a safe function we wrote ourselves."""
+
+    def __init__(self, name: str, call: Callable[..., Any] | None = None, dtype: str = "") -> None:
+        self.name, self._call, self.dtype = name, call, dtype
+
+    def __call__(self, *args: Any) -> Any:
+        if self._call is None:
+            raise _Bad(f"{self.name} is not callable here")
+        return self._call(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Bad(f"BUILD on {self.name}")
+
+
+class _Record:
+    """An inert stand-in for a class (Namespace, omegaconf): keeps its pickled state, runs nothing."""
+
+    kind = "record"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Record":
+        self = object.__new__(cls)
+        self.state = None
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _Namespace(_Record):
+    kind = "namespace"
+
+
+class _DictConfig(_Record):
+    kind = "dictconfig"
+
+
+class _ListConfig(_Record):
+    kind = "listconfig"
+
+
+class _Node(_Record):
+    kind = "node"
+
+
+class _Metadata(_Record):
+    kind = "metadata"
+
+
+class _PickledOrderedDict(dict):
+    """`collections.OrderedDict` as a plain dict; BUILD state (torch's `_metadata`) is kept aside."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["pickled_state"] = state
+
+
+class _NumpyDType(_Record):
+    """`numpy.dtype(spec, align, copy)` plus its BUILD state; only plain numeric specs survive."""
+
+    def __init__(self, spec: Any = None, *args: Any) -> None:
+        self.spec = spec
+
+    def numpy(self) -> np.dtype:
+        spec = getattr(self, "spec", None)
+        if not isinstance(spec, str) or not re.fullmatch(r"(b1|[iuf][1248]|f2|c8|c16|\?)", spec):
+            raise _Bad(f"numpy dtype {spec!r} is not a plain numeric dtype")
+        order = self.state[1] if isinstance(self.state, tuple) and len(self.state) > 1 else "="
+        if order not in ("<", ">", "=", "|"):
+            raise _Bad(f"numpy dtype byte order {order!r}")
+        return np.dtype(spec).newbyteorder(order if order != "|" else "=")
+
+
+class _NumpyArray(_Record):
+    """`numpy.core.multiarray._reconstruct` + BUILD: a small numeric array from bytes in the pickle."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _Bad("malformed numpy array state")
+        shape, dtype, fortran, raw = state[-4:]
+        if not isinstance(dtype, _NumpyDType) or not isinstance(raw, bytes):
+            raise _Bad("numpy array with a non-numeric dtype")
+        dt, shape = dtype.numpy(), _int_tuple(shape, "numpy array shape")
+        if _prod(shape) * dt.itemsize != len(raw):
+            raise _Bad("numpy array size does not match its bytes")
+        self.state = np.frombuffer(raw, dt).reshape(shape, order="F" if fortran else "C").copy()
+
+
+# ---------------------------------------------------------------- allowed globals
+
+
+def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if (not isinstance(value, (tuple, list)) or len(value) > MAX_NDIM
+            or not all(type(v) is int and v >= 0 for v in value)):
+        raise _Bad(f"invalid {what}: {str(value)[:80]}")
+    return tuple(value)
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None = None) -> _TensorRef:
+    if not isinstance(storage, _Storage):
+        raise _Bad("tensor rebuilt from something that is not a storage")
+    if type(offset) is not int or offset < 0:
+        raise _Bad(f"invalid storage offset {offset!r}")
+    shape, strides = _int_tuple(size, "tensor size"), _int_tuple(stride, "tensor stride")
+    if len(shape) != len(strides):
+        raise _Bad("tensor size and stride differ in length")
+    return _TensorRef(storage, dtype or storage.dtype, offset, shape, strides)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *rest) -> _TensorRef:
+    return _tensor(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *rest) -> _TensorRef:
+    if not isinstance(dtype, _Global) or dtype.dtype not in _ITEMSIZE:
+        raise _Bad("_rebuild_tensor_v3 without a known dtype")
+    if not isinstance(storage, _Storage) or storage.dtype != "uint8":
+        raise _Bad("_rebuild_tensor_v3 needs an untyped storage")
+    return _tensor(storage, offset, size, stride, dtype.dtype)
+
+
+def _rebuild_parameter(data, *rest) -> _TensorRef:
+    if not isinstance(data, _TensorRef):
+        raise _Bad("parameter rebuilt from something that is not a tensor")
+    return data
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, _NumpyDType) or not isinstance(data, bytes):
+        raise _Bad("numpy scalar of a non-numeric dtype")
+    dt = dtype.numpy()
+    if len(data) != dt.itemsize:
+        raise _Bad("numpy scalar size does not match its dtype")
+    return np.frombuffer(data, dt)[0].item()
+
+
+def _numpy_reconstruct(cls: Any, shape: Any = None, typecode: Any = None) -> _NumpyArray:
+    if not (isinstance(cls, _Global) and cls.name == "numpy.ndarray"):
+        raise _Bad("numpy _reconstruct of something other than ndarray")
+    return _NumpyArray()
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Bad("_codecs.encode used for something other than bytes")
+    return text.encode("latin1")
+
+
+def _plain_items(value: Any = ()) -> Any:
+    if not isinstance(value, (list, tuple, set, frozenset, str, bytes)):
+        raise _Bad(f"unexpected argument of type {type(value).__name__}")
+    return value
+
+
+def _ordered_dict(items: Any = ()) -> _PickledOrderedDict:
+    return _PickledOrderedDict(_plain_items(items))
+
+
+def _default_dict(factory: Any = None, *rest: Any) -> dict:
+    return {}
+
+
+def _number_call(kind: type) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        if len(args) > 3 or not all(a is None or type(a) in (int, float) for a in args):
+            raise _Bad(f"{kind.__name__}() with non-numeric arguments")
+        return kind(*args)
+    return call
+
+
+def _bytearray(value: Any = b"", *rest: Any) -> bytearray:
+    if isinstance(value, str) and rest in ((), ("latin1",), ("latin-1",)):
+        return bytearray(value.encode("latin1"))
+    if isinstance(value, bytes):
+        return bytearray(value)
+    raise _Bad("bytearray() with a size or an unknown argument")
+
+
+def _torch_size(dims: Any = ()) -> tuple[int, ...]:
+    return _int_tuple(dims, "torch.Size")
+
+
+def _torch_device(kind: Any, index: Any = None) -> str:
+    if not isinstance(kind, str) or not (index is None or type(index) is int):
+        raise _Bad("invalid torch.device")
+    return kind if index is None else f"{kind}:{index}"
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    table: dict[tuple[str, str], Any] = {}
+
+    def add(module: str, name: str, value: Any = None) -> None:
+        table[(module, name)] = _Global(f"{module}.{name}") if value is None else value
+
+    def fn(module: str, name: str, call: Callable[..., Any]) -> None:
+        table[(module, name)] = _Global(f"{module}.{name}", call)
+
+    fn("torch._utils", "_rebuild_tensor", _rebuild_tensor)
+    fn("torch._utils", "_rebuild_tensor_v2", _rebuild_tensor)
+    fn("torch._utils", "_rebuild_tensor_v3", _rebuild_tensor_v3)
+    fn("torch._utils", "_rebuild_parameter", _rebuild_parameter)
+    fn("torch._utils", "_rebuild_parameter_with_state", _rebuild_parameter)
+    for storage, dtype in STORAGE_DTYPES.items():
+        table[("torch", storage)] = _Global(f"torch.{storage}", dtype=dtype)
+    table[("torch.storage", "UntypedStorage")] = _Global("torch.storage.UntypedStorage", dtype="uint8")
+    for name, dtype in TORCH_DTYPES.items():
+        table[("torch", name)] = _Global(f"torch.{name}", dtype=dtype)
+    fn("torch", "Size", _torch_size)
+    fn("torch", "device", _torch_device)
+    fn("collections", "OrderedDict", _ordered_dict)
+    fn("collections", "defaultdict", _default_dict)
+    add("argparse", "Namespace", _Namespace)
+    add("omegaconf.dictconfig", "DictConfig", _DictConfig)
+    add("omegaconf.listconfig", "ListConfig", _ListConfig)
+    add("omegaconf.base", "ContainerMetadata", _Metadata)
+    add("omegaconf.base", "Metadata", _Metadata)
+    for node in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode",
+                 "BytesNode", "PathNode", "EnumNode", "ValueNode", "InterpolationResultNode"):
+        add("omegaconf.nodes", node, _Node)
+    add("typing", "Any")
+    for name in ("dict", "list", "tuple", "int", "float", "str", "bool", "bytes", "object"):
+        add("builtins", name)
+    fn("builtins", "set", lambda items=(): set(_plain_items(items)))
+    fn("builtins", "frozenset", lambda items=(): frozenset(_plain_items(items)))
+    fn("builtins", "complex", _number_call(complex))
+    fn("builtins", "slice", _number_call(slice))
+    fn("builtins", "bytearray", _bytearray)
+    fn("_codecs", "encode", _codecs_encode)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        fn(module, "scalar", _numpy_scalar)
+        fn(module, "_reconstruct", _numpy_reconstruct)
+    add("numpy", "dtype", _NumpyDType)
+    add("numpy", "ndarray")
+    return table
+
+
+ALLOWED_GLOBALS = _allowed_globals()
+
+
+# ---------------------------------------------------------------- unpickling
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves globals only from `ALLOWED_GLOBALS`; persistent ids only as torch storages."""
+
+    def __init__(self, file: Any, path: Path, legacy: bool) -> None:
+        super().__init__(file, encoding="latin1")
+        self.path, self.legacy = path, legacy
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Protocol <= 2 pickles spell Python 2 names (`__builtin__.long`); map them as pickle does.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = ALLOWED_GLOBALS.get((module, name))
+        if found is None:
+            raise UnsafeInputError(self.path, f"refusing to load: pickle calls {module}.{name}")
+        return found
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        size = 6 if self.legacy else 5
+        if not isinstance(pid, tuple) or len(pid) != size or pid[0] != "storage":
+            raise UnsafeInputError(self.path, f"refusing persistent id {str(pid)[:80]!r} "
+                                              "(only torch storages are allowed)")
+        _, kind, key, location, numel = pid[:5]
+        if not isinstance(kind, _Global) or not kind.dtype or kind.name.split(".")[-1] not in STORAGE_DTYPES:
+            raise _Bad(f"persistent id with storage type {getattr(kind, 'name', kind)!r}")
+        if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
+            raise _Bad(f"malformed storage id for key {str(key)[:40]!r}")
+        return self._register(_Storage(key, kind.dtype, numel, key), pid[5] if self.legacy else None)
+
+    def _register(self, storage: _Storage, view: Any) -> _Storage:
+        known = self.storages.setdefault(storage.key, storage)
+        if (known.dtype, known.numel) != (storage.dtype, storage.numel):
+            raise _Bad(f"storage {storage.key!r} declared twice with different types or sizes")
+        if view is None:
+            return known
+        if (not isinstance(view, tuple) or len(view) != 3 or not isinstance(view[0], str)
+                or not all(type(v) is int and v >= 0 for v in view[1:])):
+            raise _Bad(f"malformed storage view of {storage.key!r}")
+        view_key, offset, numel = view
+        if offset + numel > storage.numel:
+            raise _Bad(f"storage view {view_key!r} runs past storage {storage.key!r}")
+        return _Storage(view_key, storage.dtype, numel, storage.key, offset)
+
+
+def _unpickle(path: Path, file: Any, legacy: bool) -> tuple[Any, dict[str, _Storage]]:
+    unpickler = _RestrictedUnpickler(file, path, legacy)
+    try:
+        return unpickler.load(), unpickler.storages
+    except InputError:
+        raise
+    except _Bad as error:
+        raise InputError(path, f"malformed checkpoint pickle: {_one_line(error)}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, struct.error, OverflowError, MemoryError, RecursionError,
+            UnicodeDecodeError, ImportError) as error:
+        raise InputError(path, f"corrupt or truncated pickle ({type(error).__name__}: "
+                               f"{_one_line(error)})") from None
+
+
+class _BoundedReader:
+    """A read-only view of a file that refuses to hand out more than `limit` bytes."""
+
+    def __init__(self, file: Any, limit: int, path: Path) -> None:
+        self.file, self.left, self.path = file, limit, path
+
+    def _take(self, n: int) -> int:
+        if n < 0 or n > self.left:
+            raise InputError(self.path, f"pickle stream larger than {MAX_PICKLE_BYTES} bytes")
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.file.read(self._take(n))
+        self.left -= len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readline(self) -> bytes:
+        line = self.file.readline(self.left + 1)
+        self._take(len(line))
+        self.left -= len(line)
+        return line
+
+
+# ---------------------------------------------------------------- public entry
+
+
+def read_torch(path: str | Path) -> Checkpoint:
+    """Describe a PyTorch checkpoint's tensors without running its pickle.
+
+    Handles the zip container (`format="torch-zip"`) and the legacy stream
+    (`format="torch-legacy"`). Every tensor found anywhere in the unpickled
+    object is listed under its dotted path (`model.blocks.0.norm1.weight`,
+    `module.head.bias`); `meta` holds the rest (`args` as a dict, `cfg` as
+    nested dicts and lists, numbers, strings) with tensors replaced by a
+    `"<tensor NAME>"` placeholder, plus `meta["source_dtypes"]` for bfloat16
+    tensors, which load widened to float32. Any global outside
+    `ALLOWED_GLOBALS` raises `UnsafeInputError` naming it; malformed or
+    truncated files raise `InputError`.
+    """
+    path = Path(path)
+    head = _head(path)
+    if head.startswith(b"PK"):
+        return _read_zip(path)
+    if head[:1] == b"\x80":
+        return _read_legacy(path)
+    raise InputError(path, f"not a PyTorch checkpoint (first bytes {head[:8]!r})")
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read(8)
+    except OSError as error:
+        raise InputError(path, f"cannot read ({_one_line(error)})") from None
+
+
+# ---------------------------------------------------------------- zip container
+
+
+def _read_zip(path: Path) -> Checkpoint:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            prefix = _zip_prefix(path, infos)
+            little = _byteorder(path, archive, prefix)
+            obj, storages = _unpickle(path, io.BytesIO(_read_pickle(path, archive, prefix)), False)
+            spans = {key: _zip_span(path, archive, f"{prefix}/data/{key}", storage)
+                     for key, storage in _roots(storages).items()}
+    except InputError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
+            RuntimeError) as error:  # RuntimeError: zipfile's "encrypted, password required"
+        raise InputError(path, f"truncated or not a zip archive ({_one_line(error)})") from None
+    return _checkpoint(path, "torch-zip", obj, spans, little)
+
+
+def _zip_prefix(path: Path, infos: list[zipfile.ZipInfo]) -> str:
+    names = [info.orig_filename for info in infos]
+    for name in names:
+        parts = PurePosixPath(name).parts
+        if "\x00" in name or name.startswith(("/", "\\")) or ".." in parts or "\\" in name:
+            raise UnsafeInputError(path, f"member name with a path trick: {name!r}")
+    if len(set(names)) != len(names):
+        raise UnsafeInputError(path, "duplicate member names in the zip archive")
+    pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        raise InputError(path, "zip archive has no single '<name>/data.pkl' (not a PyTorch checkpoint)")
+    return pickles[0][: -len("/data.pkl")]
+
+
+def _byteorder(path: Path, archive: zipfile.ZipFile, prefix: str) -> bool:
+    name = f"{prefix}/byteorder"
+    if name not in archive.namelist():
+        return True
+    if archive.getinfo(name).file_size > 16:
+        raise InputError(path, f"member {name!r} is too large")
+    value = archive.read(name).strip()
+    if value not in (b"little", b"big"):
+        raise InputError(path, f"member {name!r} says {value[:16]!r}, expected little or big")
+    return value == b"little"
+
+
+def _read_pickle(path: Path, archive: zipfile.ZipFile, prefix: str) -> bytes:
+    info = archive.getinfo(f"{prefix}/data.pkl")
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise InputError(path, f"data.pkl declares {info.file_size} bytes, over the "
+                               f"{MAX_PICKLE_BYTES} limit")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise InputError(path, "data.pkl uses an unsupported compression method")
+    with archive.open(info) as stream:
+        data = stream.read(info.file_size + 1)
+    if len(data) != info.file_size:
+        raise InputError(path, "data.pkl is truncated")
+    return data
+
+
+def _roots(storages: dict[str, _Storage]) -> dict[str, _Storage]:
+    return {s.root: s for s in storages.values() if s.root == s.key}
+
+
+def _zip_span(path: Path, archive: zipfile.ZipFile, name: str, storage: _Storage) -> tuple[int, int]:
+    """(file offset, byte length) of a storage member, after checking it against its declaration."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise InputError(path, f"storage {storage.key!r} is missing (no member {name!r})") from None
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise InputError(path, f"storage member {name!r} is compressed (torch.save never compresses)")
+    expected = storage.numel * _ITEMSIZE[storage.dtype]
+    if info.file_size != expected:
+        raise InputError(path, f"storage {storage.key!r} holds {info.file_size} bytes, "
+                               f"declared {storage.numel} x {storage.dtype} = {expected}")
+    return _data_offset(path, archive, info), info.file_size
+
+
+def _data_offset(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    archive.fp.seek(info.header_offset)
+    header = archive.fp.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise InputError(path, f"member {info.filename!r}: bad local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > path.stat().st_size:
+        raise InputError(path, f"member {info.filename!r} is truncated")
+    return start
+
+
+# ---------------------------------------------------------------- legacy stream
+
+
+def _read_legacy(path: Path) -> Checkpoint:
+    try:
+        with open(path, "rb") as file:
+            reader = _BoundedReader(file, MAX_PICKLE_BYTES, path)
+            little = _legacy_preamble(path, reader)
+            obj, storages = _unpickle(path, reader, True)
+            keys, _ = _unpickle(path, reader, False)
+            spans = _legacy_spans(path, file, keys, _roots(storages))
+    except OSError as error:
+        raise InputError(path, f"cannot read ({_one_line(error)})") from None
+    return _checkpoint(path, "torch-legacy", obj, spans, little)
+
+
+def _legacy_preamble(path: Path, reader: _BoundedReader) -> bool:
+    magic, _ = _unpickle(path, reader, False)
+    if magic != LEGACY_MAGIC:
+        raise InputError(path, "a pickle without torch's magic number (not a PyTorch checkpoint)")
+    protocol, _ = _unpickle(path, reader, False)
+    if protocol != LEGACY_PROTOCOL:
+        raise InputError(path, f"legacy torch protocol {protocol!r} is not supported")
+    info, _ = _unpickle(path, reader, False)
+    if not isinstance(info, dict) or not isinstance(info.get("little_endian", True), bool):
+        raise InputError(path, "malformed legacy sys_info")
+    return info.get("little_endian", True)
+
+
+def _legacy_spans(path: Path, file: Any, keys: Any, roots: dict[str, _Storage]) -> dict[str, tuple[int, int]]:
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+        raise InputError(path, "malformed legacy storage key list")
+    missing = sorted(set(roots) - set(keys))
+    if missing:
+        raise InputError(path, f"storage {missing[0]!r} is missing from the legacy key list")
+    size, spans = path.stat().st_size, {}
+    for key in keys:
+        if key not in roots:
+            raise InputError(path, f"legacy storage {key!r} is not used by any tensor")
+        spans[key] = _legacy_span(path, file, roots[key], size)
+    return spans
+
+
+def _legacy_span(path: Path, file: Any, storage: _Storage, size: int) -> tuple[int, int]:
+    raw = file.read(8)
+    if len(raw) != 8:
+        raise InputError(path, f"storage {storage.key!r} is truncated")
+    numel = struct.unpack("<q", raw)[0]
+    if numel != storage.numel:
+        raise InputError(path, f"storage {storage.key!r} holds {numel} elements, "
+                               f"declared {storage.numel}")
+    start, nbytes = file.tell(), numel * _ITEMSIZE[storage.dtype]
+    if start + nbytes > size:
+        raise InputError(path, f"storage {storage.key!r} is truncated")
+    file.seek(start + nbytes)
+    return start, nbytes
+
+
+# ---------------------------------------------------------------- flattening
+
+
+def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, tuple[int, int]],
+                little: bool) -> Checkpoint:
+    flat = _Flattener(path)
+    content = flat.plain(obj, "", 0)
+    tensors, source_dtypes = {}, {}
+    for name, ref in flat.tensors.items():
+        _check_bounds(path, name, ref)
+        tensors[name] = _lazy(path, ref, spans[ref.storage.root], little)
+        if ref.dtype == "bfloat16":
+            source_dtypes[name] = "bfloat16"
+    meta = dict(content) if isinstance(content, dict) else {"content": content}
+    if "source_dtypes" in meta:
+        meta["content.source_dtypes"] = meta.pop("source_dtypes")
+    meta["source_dtypes"] = source_dtypes
+    return Checkpoint(path, fmt, tensors, meta)
+
+
+class _Flattener:
+    """Turns the unpickled object into plain data and collects tensors by dotted path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tensors: dict[str, _TensorRef] = {}
+        self.visited = 0
+        self.active: set[int] = set()
+
+    def plain(self, obj: Any, name: str, depth: int) -> Any:
+        self.visited += 1
+        if self.visited > MAX_NODES or depth > MAX_DEPTH:
+            raise InputError(self.path, f"object structure too large or too deep at {name!r}")
+        if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, bytearray, slice)):
+            return obj
+        if isinstance(obj, _TensorRef):
+            return self._tensor(obj, name)
+        if isinstance(obj, (_Global, _Storage, np.ndarray)):
+            return _leaf(obj)
+        if id(obj) in self.active:
+            raise InputError(self.path, f"cyclic structure at {name!r}")
+        self.active.add(id(obj))
+        try:
+            return self._container(obj, name, depth)
+        finally:
+            self.active.discard(id(obj))
+
+    def _tensor(self, ref: _TensorRef, name: str) -> str:
+        if name in self.tensors:
+            raise InputError(self.path, f"two tensors have the same dotted path {name!r}")
+        self.tensors[name or "tensor"] = ref
+        return f"<tensor {name}>"
+
+    def _container(self, obj: Any, name: str, depth: int) -> Any:
+        if isinstance(obj, dict):
+            return {k: self.plain(v, _join(name, k), depth + 1) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            items = [self.plain(v, _join(name, i), depth + 1) for i, v in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        if isinstance(obj, (set, frozenset)):
+            return type(obj)(self.plain(v, name, depth + 1) for v in obj)
+        if isinstance(obj, _Record):
+            return self.plain(_unwrap(self.path, obj, name), name, depth + 1)
+        raise InputError(self.path, f"unexpected object {type(obj).__name__} at {name!r}")
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _leaf(obj: Any) -> Any:
+    if isinstance(obj, _Global):
+        return obj.name
+    if isinstance(obj, _Storage):
+        return f"<storage {obj.key}>"
+    return obj
+
+
+def _unwrap(path: Path, record: _Record, name: str) -> Any:
+    """The inert content of a stand-in record: attributes, omegaconf `_content` or `_val`."""
+    state = record.state
+    if isinstance(record, _NumpyDType):
+        try:
+            return str(record.numpy())
+        except _Bad as error:
+            raise InputError(path, f"at {name!r}: {error}") from None
+    if isinstance(record, (_Namespace, _NumpyArray)) or state is None:
+        return state
+    if isinstance(record, _Metadata):
+        return None
+    if not isinstance(state, dict):
+        raise InputError(path, f"malformed {record.kind} state at {name!r}")
+    return state.get("_val") if isinstance(record, _Node) else state.get("_content")
+
+
+def _check_bounds(path: Path, name: str, ref: _TensorRef) -> None:
+    storage, itemsize = ref.storage, _ITEMSIZE[ref.dtype]
+    capacity = storage.numel * _ITEMSIZE[storage.dtype] // itemsize
+    if _prod(ref.shape) and ref.offset + _span(ref) > capacity:
+        raise InputError(path, f"tensor {name!r} ({ref.dtype}{list(ref.shape)}, offset "
+                               f"{ref.offset}) reads past its storage {storage.key!r}")
+
+
+def _span(ref: _TensorRef) -> int:
+    """Elements from the first to one past the last element the tensor touches."""
+    if not _prod(ref.shape):
+        return 0
+    return 1 + sum((dim - 1) * step for dim, step in zip(ref.shape, ref.stride))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _lazy(path: Path, ref: _TensorRef, span: tuple[int, int], little: bool) -> LazyTensor:
+    dtype = np.dtype("float32" if ref.dtype == "bfloat16" else ref.dtype)
+    return LazyTensor(ref.shape, dtype, lambda: _load(path, ref, span, little))
+
+
+def _load(path: Path, ref: _TensorRef, span: tuple[int, int], little: bool) -> np.ndarray:
+    """Read only the bytes the tensor touches, then lay them out C-contiguously."""
+    itemsize = _ITEMSIZE[ref.dtype]
+    first = ref.storage.elem_offset * _ITEMSIZE[ref.storage.dtype] + ref.offset * itemsize
+    count = _span(ref)
+    raw = _read_span(path, span[0] + first, count * itemsize)
+    storage_dtype = np.dtype("uint16" if ref.dtype == "bfloat16" else ref.dtype)
+    flat = raw.view(storage_dtype.newbyteorder("<" if little else ">"))
+    if _is_contiguous(ref) or not count:
+        array = flat[: _prod(ref.shape)].reshape(ref.shape)
+    else:
+        strides = tuple(step * itemsize for step in ref.stride)
+        array = np.lib.stride_tricks.as_strided(flat, ref.shape, strides, writeable=False).copy()
+    array = array.astype(storage_dtype, copy=False)
+    if ref.dtype == "bfloat16":
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def _is_contiguous(ref: _TensorRef) -> bool:
+    expected = 1
+    for dim, step in zip(reversed(ref.shape), reversed(ref.stride)):
+        if dim != 1 and step != expected:
+            return False
+        expected *= dim
+    return True
+
+
+def _read_span(path: Path, start: int, nbytes: int) -> np.ndarray:
+    out = np.empty(nbytes, dtype=np.uint8)
+    view = memoryview(out)
+    try:
+        with open(path, "rb") as file:
+            file.seek(start)
+            done = 0
+            while done < nbytes:
+                got = file.readinto(view[done: done + _CHUNK])
+                if not got:
+                    raise InputError(path, f"storage truncated at byte {start + done}")
+                done += got
+    except OSError as error:
+        raise InputError(path, f"cannot read ({_one_line(error)})") from None
+    return out
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:200]
+
