@@ -55,7 +55,7 @@ def _progress(total_bytes: int, label: str):
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from converters.export import check_destination, commit, source_digest, staging, up_to_date, write_model
-    from converters.readers.detect import open_checkpoint
+    from converters.readers.isolate import open_isolated
     from converters.writer import write_sha256sums
 
     dest = Path(args.out)
@@ -67,7 +67,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             _say(f"parityport: {dest} is already a verified conversion of {src.name}; nothing to do")
             return 0
         raise InputError(dest, "exists; pass --force to replace it")
-    checkpoint = open_checkpoint(src)
+    checkpoint = open_isolated(src)
     family, conversion = convert_checkpoint(checkpoint)
     _say(f"parityport: {src.name}: {family} {conversion.variant}, {len(conversion.tensors)} tensors "
          f"({len(conversion.dropped)} dropped by rule) -> {dest} [{args.dtype}]")
@@ -117,20 +117,25 @@ def _summary(report) -> str:
         logits = next((t.max_abs for t in r.taps if t.tap == "logits"), float("nan"))
         lines.append(f"  {r.side:<42} {r.input:<16} {r.dtype:<9} max|dlogit| {logits:.2e}  "
                      f"{'pass' if r.passed else 'FAIL at ' + str(r.first_divergence)}")
+    nonfinite = list(dict.fromkeys(t.tap for r in report.results for t in r.taps if t.nonfinite))
+    if nonfinite:
+        lines.append(f"  note: NaN/Inf from the source weights reach {len(nonfinite)} taps (from "
+                     f"{nonfinite[0]}); they must sit at the same positions on both sides, and errors "
+                     f"are measured over the finite values")
     lines.append("  verdict: " + ("PASSED" if report.passed else "FAILED"))
     return "\n".join(lines)
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from converters.readers.detect import open_checkpoint
+    from converters.readers.isolate import open_isolated
+    from parity.families import PARITY
     from parity.report import report_markdown
 
     folder = Path(args.dir)
     if not (folder / "config.json").is_file():
         raise InputError(folder, "not a converted folder (no config.json)")
-    checkpoint = open_checkpoint(Path(args.src))
+    checkpoint = open_isolated(Path(args.src))
     _, conversion = convert_checkpoint(checkpoint)
-    from parity.families import PARITY
 
     report = PARITY[conversion.family](checkpoint, conversion, folder, _stored_dtype(folder))
     print(report_markdown(report))

@@ -1,0 +1,67 @@
+"""Parsing in a limited child process: crashes and memory blow-ups become one-line errors."""
+
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from checkpoints.synthetic import bit_arrays, write_bit_npz
+from converters.errors import InputError, UnsafeInputError
+from converters.readers import isolate
+
+
+def test_clean_file_opens(tmp_path):
+    write_bit_npz(tmp_path / "a.npz", bit_arrays(depths=(1, 1, 1, 1), root_width=32, num_classes=3))
+    checkpoint = isolate.open_isolated(tmp_path / "a.npz")
+    assert checkpoint.format == "npz" and len(checkpoint.tensors) == 45
+
+
+def test_child_errors_come_back_with_their_class(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            import os
+            return os.system, ("true",)
+
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"model": Boom()}, protocol=2))
+        z.writestr("archive/version", "3\n")
+    with pytest.raises(UnsafeInputError, match=r"refusing to load: pickle calls (posix|os)\.system"):
+        isolate.preflight(path)
+
+
+def test_a_crashing_parser_is_a_clean_error(tmp_path, monkeypatch):
+    path = tmp_path / "x.npz"
+    np.savez(path, a=np.zeros(3))
+    real_run = isolate.subprocess.run
+
+    def crash(command, **kw):  # the same child machinery, made to segfault like a broken C parser
+        return real_run([command[0], "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"], **kw)
+
+    monkeypatch.setattr(isolate.subprocess, "run", crash)
+    with pytest.raises(InputError, match=r"x\.npz: the SIGSEGV signal killed the parser on this file"):
+        isolate.preflight(path)
+
+
+def test_memory_limit_is_enforced(tmp_path):
+    path = tmp_path / "big.pt"
+    # a small pickle that builds a two-million-element list while parsing: fine with the
+    # default limit, refused under a 64 MiB one instead of taking the converter down
+    payload = b"\x80\x04" + b"(" + b"K\x01" * 2_000_000 + b"l."
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/version", "3\n")
+    with pytest.raises(InputError, match=r"big\.pt: parsing needs more than 0\.0625 GiB of memory; refused"):
+        isolate.preflight(path, memory=64 << 20)
+    isolate.preflight(path)
+
+
+def test_timeout_is_enforced(tmp_path, monkeypatch):
+    path = tmp_path / "slow.npz"
+    np.savez(path, a=np.zeros(3))
+    real_run = isolate.subprocess.run
+    monkeypatch.setattr(isolate.subprocess, "run",
+                        lambda command, **kw: real_run([command[0], "-c", "import time; time.sleep(30)"], **kw))
+    with pytest.raises(InputError, match=r"slow\.npz: parsing the file took longer than 1 s; refused"):
+        isolate.preflight(path, timeout=1)
