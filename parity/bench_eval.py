@@ -25,7 +25,6 @@ import os
 import platform
 import sys
 import time
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from parity.eval_data import EvalSet, PILDataset, find_eval_set, imagenet1k_wnids, resolve_labels
-from parity.eval_run import _progress, evaluate, load_model, prediction_agreement
+from parity.eval_run import _progress, evaluate, load_model, prediction_agreement, worker_context
 from parity.protocols import Protocol, resolve_protocol
 
 DEFAULT_CACHE = Path("checkpoints/cache/bench_eval")
@@ -78,7 +77,9 @@ def make_dataset(cache: Path, images: int, workers: int, seed: int = 0) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         jobs.append((seed * 10_000_019 + i, str(folder / f"ILSVRC2012_val_{i + 1:08d}.JPEG")))
     print(f"writing {images} JPEGs to {root} ...", file=sys.stderr)
-    with Pool(max(1, workers)) as pool:
+    import multiprocessing
+
+    with multiprocessing.get_context(worker_context(workers)).Pool(max(1, workers)) as pool:
         for _ in pool.imap_unordered(_write_image, jobs, chunksize=64):
             pass
     (root / ".complete").write_text(f"{images}\n")
@@ -142,6 +143,7 @@ def baseline(model_dir: Path, eval_set: EvalSet, spec: Protocol, device: torch.d
     count = len(eval_set.samples) if limit is None else min(limit, len(eval_set.samples))
     loader = DataLoader(PILDataset(eval_set.samples, range(count), transform, (3, spec.image_size, spec.image_size)),
                         batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        multiprocessing_context=worker_context(workers),
                         persistent_workers=False)
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255

@@ -53,6 +53,14 @@ MAX_FAILURES_LISTED = 100
 # ---- model -------------------------------------------------------------------------------------
 
 
+
+def worker_context(workers: int) -> str | None:
+    """How DataLoader workers start: fork, unless JAX or TensorFlow threads are already running in
+    this process (forking a multithreaded process can deadlock), then forkserver."""
+    if workers and ("jax" in sys.modules or "tensorflow" in sys.modules):
+        return "forkserver"
+    return None
+
 def load_model(model_dir: str | Path, device: torch.device) -> torch.nn.Module:
     """AutoModelForImageClassification.from_pretrained(DIR, trust_remote_code=True), fp32, eval mode."""
     from transformers import AutoModelForImageClassification
@@ -76,7 +84,8 @@ def _faithful_batches(eval_set: EvalSet, indices: Sequence[int], transform: Any,
 
     shape = tuple(transform(Image.new("RGB", (protocol.image_size,) * 2)).shape)
     dataset = PILDataset(eval_set.samples, indices, transform, shape)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        multiprocessing_context=worker_context(workers))
     for pixels, index, ok, notes in loader:
         yield pixels.to(device, non_blocking=True), index, ok, list(notes)
 
@@ -130,6 +139,7 @@ def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol,
                   batch_size: int, workers: int) -> Iterator[Batch]:
     """Read bytes in workers; decode + transform batch k+1 on a side stream while batch k runs."""
     loader = DataLoader(BytesDataset(eval_set.samples, indices), batch_size=batch_size, num_workers=workers,
+                        multiprocessing_context=worker_context(workers),
                         collate_fn=collate_list, prefetch_factor=4 if workers else None)
     ready: queue.Queue = queue.Queue(maxsize=2)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
