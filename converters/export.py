@@ -27,7 +27,14 @@ MODEL_FILE = "model.safetensors"
 
 
 def check_destination(source: Path, dest: Path) -> None:
-    """Refuse an output that is the input, contains it, or lies inside it."""
+    """Refuse an output that is the input, contains it, or lies inside it, or is a symlink.
+
+    A symlinked destination is refused outright: committing would replace the
+    link itself (or, dangling, fail at the very end), and a link to the input
+    or its folder would aim the output at the input.
+    """
+    if dest.is_symlink():
+        raise InputError(dest, f"is a symbolic link (to {os.readlink(dest)}); give a real folder path")
     src = source.resolve()
     out = dest.resolve()
     if out == src or src.is_relative_to(out) or out.is_relative_to(src):
@@ -38,13 +45,14 @@ def check_destination(source: Path, dest: Path) -> None:
 
 def up_to_date(dest: Path, source_sha256: str) -> bool:
     """True when `dest` is a verified conversion of this exact source by this converter version."""
+    from converters.shards import read_metadata
+
     if not (dest / "SHA256SUMS").is_file() or check_sha256sums(dest):
         return False
     try:
         parity = json.loads((dest / "parity.json").read_text())
-        with safe_open(dest / MODEL_FILE, framework="numpy") as f:
-            meta = f.metadata() or {}
-    except (OSError, ValueError):
+        meta = read_metadata(dest)  # the first shard's, when sharded
+    except (OSError, ValueError, InputError):
         return False
     return (parity.get("passed") is True and meta.get("source_sha256") == source_sha256
             and meta.get("converter_version") == __version__)
@@ -54,7 +62,7 @@ def up_to_date(dest: Path, source_sha256: str) -> bool:
 def staging(dest: Path) -> Iterator[Path]:
     """A fresh temporary folder beside `dest`; removed if the block raises."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.partial-*"):
+    for stale in [*dest.parent.glob(f".{dest.name}.partial-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a run that was killed
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     umask = os.umask(0)
@@ -68,8 +76,19 @@ def staging(dest: Path) -> Iterator[Path]:
 
 
 def commit(tmp: Path, dest: Path) -> None:
-    """Move the finished `tmp` to `dest`, replacing an old folder only after the new one is whole."""
+    """Move the finished `tmp` to `dest`, replacing an old folder only after the new one is whole.
+
+    Every file is fsynced, then the folder, so the rename can never publish a
+    folder whose contents are still only in the page cache.
+    """
+    for path in tmp.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            _fsync_file(path)
     _fsync_dir(tmp)
+    if dest.exists() and _exchange(tmp, dest):  # one atomic step: no moment without a folder
+        _fsync_dir(dest.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
+        return
     old = None
     if dest.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
@@ -78,6 +97,32 @@ def commit(tmp: Path, dest: Path) -> None:
     _fsync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -90,22 +135,44 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_model(tmp: Path, conversion: Conversion, checkpoint: Checkpoint, source_sha256: str,
                 dtype: str, allow_nonfinite: bool = False,
-                on_tensor: Callable[[str, int], None] | None = None) -> None:
-    """Write model.safetensors (with provenance metadata), config.json, preprocessor_config.json."""
+                on_tensor: Callable[[str, int], None] | None = None,
+                max_shard_size: int | None = None) -> None:
+    """Write the weights (with provenance metadata), config.json, preprocessor_config.json.
+
+    Weights above `max_shard_size` bytes (default huggingface_hub's 5 GB) are
+    written as shards plus `model.safetensors.index.json`; below it, as one
+    `model.safetensors`.
+    """
+    from converters.shards import MAX_SHARD_SIZE, write_sharded
+
     metadata = {"format": "pt", "source_file": checkpoint.path.name, "source_format": checkpoint.format,
                 "source_sha256": source_sha256, "converter": "parityport",
                 "converter_version": __version__, "family": conversion.family,
                 "variant": conversion.variant}
     try:
-        write_safetensors(tmp / MODEL_FILE, conversion.tensors, dtype=dtype, metadata=metadata,
-                          on_tensor=on_tensor, allow_nonfinite=allow_nonfinite)
+        write_sharded(tmp, conversion.tensors, dtype=dtype, metadata=metadata,
+                      max_shard_size=max_shard_size or MAX_SHARD_SIZE, on_tensor=on_tensor,
+                      allow_nonfinite=allow_nonfinite)
     except InputError as e:
         raise InputError(checkpoint.path, e.problem) from None
     config = dict(conversion.config, torch_dtype=dtype)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "preprocessor_config.json").write_text(json.dumps(conversion.preprocessor, indent=2) + "\n")
     for name, data in conversion.extra_files.items():
-        (tmp / name).write_bytes(data)
+        (tmp / safe_file_name(name)).write_bytes(data)
+
+
+def safe_file_name(name: str) -> str:
+    """`name` if it is a plain file name inside the folder; an InputError for path tricks.
+
+    Checked with both POSIX and Windows rules (a published folder is opened on
+    both): no separators, no `..`, no drive letters, no NUL or control characters.
+    """
+    bad = (not name or name in (".", "..") or any(c in name for c in '/\\:') or
+           any(ord(c) < 32 for c in name))
+    if bad:
+        raise InputError(None, f"refusing output file name {name!r} (path trick)")
+    return name
 
 
 def source_digest(path: Path) -> str:

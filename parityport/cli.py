@@ -56,9 +56,11 @@ def _progress(total_bytes: int, label: str):
 def cmd_convert(args: argparse.Namespace) -> int:
     from converters.export import check_destination, commit, source_digest, staging, up_to_date, write_model
     from converters.readers.isolate import open_isolated
+    from converters.shards import parse_size
     from converters.writer import write_sha256sums
 
     dest = Path(args.out)
+    max_shard_size = parse_size(args.max_shard_size)
     src, synthetic = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
     check_destination(src, dest)
     digest = source_digest(src)
@@ -74,7 +76,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with staging(dest) as tmp:
         bar, on_tensor = _progress(sum(t.nbytes for t in conversion.tensors.values()), "writing")
         with bar:
-            write_model(tmp, conversion, checkpoint, digest, args.dtype, args.allow_nonfinite, on_tensor)
+            write_model(tmp, conversion, checkpoint, digest, args.dtype, args.allow_nonfinite, on_tensor,
+                        max_shard_size=max_shard_size)
         if not args.no_parity:
             report = _parity(checkpoint, conversion, tmp, args.dtype, synthetic)
             if not report.passed:
@@ -83,10 +86,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 os.replace(tmp, failed)
                 raise CheckFailed(f"{src}: parity FAILED (first diverging tap: {report.first_divergence}); "
                                   f"report kept in {failed}, nothing written to {dest}")
+        _write_card(tmp, dest)
         write_sha256sums(tmp)
         commit(tmp, dest)
     _say(f"parityport: wrote {dest}" + ("" if args.no_parity else " (parity passed)"))
     return 0
+
+
+def _write_card(tmp: Path, dest: Path) -> None:
+    """The model card (README.md) with provenance, the exact command and the parity table."""
+    import shlex
+
+    from parity.card import write_card
+
+    write_card(tmp, command=shlex.join(["parityport", *sys.argv[1:]]), model_id=str(dest.resolve()))
 
 
 def convert_checkpoint(checkpoint):
@@ -171,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-parity", action="store_true", help="skip the layer-by-layer comparison")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/Inf")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="split the weights into shards above this size, e.g. 500MB (default 5GB)")
     p.add_argument("--synthetic-if-offline", action="store_true",
                    help="when a catalog file cannot be had, convert a synthetic file in its exact layout")
     p.set_defaults(run=cmd_convert)
@@ -191,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Their modules keep heavy imports (torch, transformers) inside functions, so `--help` stays fast.
 COMMANDS = [
     ("eval", "parity.eval_run", "add_eval_arguments", "run_eval", "ImageNet top-1 of a converted folder"),
+    ("verify", "parity.verify", "add_arguments", "run", "check a folder's checksums, load and parity record"),
+    ("publish", "parityport.publish", "add_arguments", "run", "upload a verified folder to the Hugging Face Hub"),
 ]
 
 

@@ -1,0 +1,310 @@
+"""The model card (README.md) of a converted folder: hub metadata, provenance, parity, accuracy, usage.
+
+Everything on the card is read from the folder itself (config.json,
+parity.json, the weights' `__metadata__`) and from the catalog entry of the
+source file, plus the `parityport eval --json` results attached at publishing.
+The YAML header is built with huggingface_hub's own `ModelCardData`, so it
+parses back with `ModelCard` and its `model-index` round-trips through
+`EvalResult`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from converters.errors import InputError
+
+if TYPE_CHECKING:
+    from checkpoints.catalog import Entry
+
+CARD_FILE = "README.md"
+_HUB_LICENSES = {"apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
+                 "cc-by-nc-sa-4.0", "cc0-1.0"}
+_IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"
+_SYNTHETIC = "SYNTHETIC"  # how parity.json's first note marks a synthetic source
+
+
+# ---- what the folder says ----------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise InputError(path, f"not valid JSON: {error}") from None
+
+
+def _folder_facts(folder: Path) -> dict[str, Any]:
+    """config.json, parity.json (None if absent), the weights' metadata and weight files."""
+    from converters.shards import read_metadata, weight_files
+
+    config = _read_json(folder / "config.json")
+    if config is None:
+        raise InputError(folder, "not a converted folder (no config.json)")
+    return {"config": config, "parity": _read_json(folder / "parity.json"),
+            "meta": read_metadata(folder), "weights": weight_files(folder)}
+
+
+def is_synthetic(parity: dict[str, Any] | None) -> bool:
+    """True when parity.json says the source was a synthetic stand-in (random values), not real weights."""
+    return any(str(note).startswith(_SYNTHETIC) for note in (parity or {}).get("notes", []))
+
+
+def catalog_entry(source_file: str | None, source_sha256: str | None = None) -> Entry | None:
+    """The catalog Entry the source file is (by sha256, cache name or URL name), or None.
+
+    A synthetic stand-in (`NAME.synthetic.npz`) maps to the entry whose layout
+    it copies; the card then says plainly that the weights are not the real ones.
+    """
+    from checkpoints.catalog import load_catalog
+
+    name = (source_file or "").replace(".synthetic.", ".")
+    entries = list(load_catalog().values())
+    for matches in ([e for e in entries if source_sha256 and e.sha256 == source_sha256],
+                    [e for e in entries if e.filename == name],
+                    [e for e in entries if e.url_basename == name]):
+        if len(matches) == 1:  # a URL name shared by several entries identifies none
+            return matches[0]
+    return None
+
+
+def _recorded_command(folder: Path) -> str | None:
+    """The convert command recorded in the folder's current card, if any."""
+    if not (folder / CARD_FILE).is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(folder / CARD_FILE).data.to_dict()
+    except Exception:  # noqa: BLE001  an unreadable old card only loses the command
+        return None
+    return (data.get("parityport") or {}).get("command")
+
+
+# ---- YAML header -------------------------------------------------------------------------------
+
+def license_fields(entry: Entry | None) -> dict[str, str]:
+    """The hub's `license` (+ `license_name`, `license_link`): the original repository's terms.
+
+    A catalog entry whose original license is a hub identifier gives it as is
+    (`apache-2.0`); any other gives `other` with the license's name and a link
+    to where the original repository states it; no entry gives `other`/`unknown`.
+    """
+    original = entry.license.original if entry is not None else None
+    if original is None:
+        return {"license": "other", "license_name": "unknown"}
+    key = original.lower()
+    if key in _HUB_LICENSES:
+        return {"license": key}
+    fields = {"license": "other", "license_name": re.sub(r"[^a-z0-9.]+", "-", key).strip("-")}
+    link = _source_link(entry.license.original_source)
+    return fields | ({"license_link": link} if link else {})
+
+
+def _source_link(source: str | None) -> str | None:
+    """A GitHub URL for an `owner/repo path` citation (`google-research/big_transfer LICENSE`)."""
+    match = re.match(r"([\w.-]+/[\w.-]+) ([\w./-]+)", source or "")
+    return f"https://github.com/{match.group(1)}/blob/HEAD/{match.group(2)}" if match else None
+
+
+def _published_for(entry: Entry | None, protocol: str | None):
+    """The catalog's published ImageNet-1k top-1 for this protocol (else the first ImageNet-1k one)."""
+    figures = [p for p in (entry.published if entry else ()) if p.dataset.startswith("imagenet-1k")]
+    return next((p for p in figures if p.protocol == protocol), figures[0] if figures else None)
+
+
+def _images_note(result: dict[str, Any]) -> str:
+    images = result.get("images")
+    return "" if images in (None, 50000) else f", {images} images"
+
+
+def eval_results(evals: Sequence[dict[str, Any]], entry: Entry | None) -> list:
+    """huggingface_hub `EvalResult`s: measured top-1/top-5 of each attached eval, published top-1 beside it."""
+    from huggingface_hub import EvalResult
+
+    common = dict(task_type="image-classification", task_name="Image Classification",
+                  dataset_type="imagenet-1k", dataset_name="ImageNet-1k", dataset_split="validation")
+    results = []
+    for result in evals:
+        protocol = result.get("protocol")
+        where = f"protocol {protocol}{_images_note(result)}"
+        results.append(EvalResult(**common, metric_type="accuracy", metric_config="top-1",
+                                  metric_value=round(float(result["top1"]), 3),
+                                  metric_name=f"top-1 accuracy (measured, {where})"))
+        if result.get("top5") is not None:
+            results.append(EvalResult(**common, metric_type="accuracy", metric_config="top-5",
+                                      metric_value=round(float(result["top5"]), 3),
+                                      metric_name=f"top-5 accuracy (measured, {where})"))
+        published = _published_for(entry, protocol)
+        if published is not None:
+            results.append(EvalResult(**common, metric_type="accuracy", metric_config="top-1",
+                                      metric_value=published.top1,
+                                      metric_name=f"top-1 accuracy (published: {published.source})"))
+    return results
+
+
+def _header(facts: dict[str, Any], evals: Sequence[dict[str, Any]], entry, name: str,
+            command: str | None) -> str:
+    from huggingface_hub import ModelCardData
+
+    family = facts["meta"].get("family") or facts["config"].get("model_type", "unknown")
+    datasets = ["imagenet-1k"] if evals or _num_labels(facts["config"]) == 1000 else None
+    extra = {"parityport": {"command": command}} if command else {}
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-classification",
+                         tags=["parityport", family, "image-classification"], datasets=datasets,
+                         model_name=name, eval_results=eval_results(evals, entry) or None,
+                         **license_fields(entry), **extra)
+    return data.to_yaml().rstrip("\n") + "\n"
+
+
+def _num_labels(config: dict[str, Any]) -> int | None:
+    labels = config.get("id2label")
+    return len(labels) if isinstance(labels, dict) else config.get("num_labels")
+
+
+# ---- body --------------------------------------------------------------------------------------
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _sci(value: Any) -> str:
+    return f"{value:.2e}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _provenance(facts: dict[str, Any], entry, command: str | None) -> list[str]:
+    meta, weights = facts["meta"], facts["weights"]
+    files = weights[0] if len(weights) == 1 else f"{len(weights)} shards + model.safetensors.index.json"
+    rows = [("source file", f"`{meta.get('source_file', 'unknown')}` ({meta.get('source_format', '?')})"),
+            ("source sha256", f"`{meta.get('source_sha256', 'unknown')}`"),
+            ("catalog entry", f"{entry.name} ({entry.url or 'no URL'})" if entry else "not in the catalog"),
+            ("converter", f"{meta.get('converter', 'unknown')} {meta.get('converter_version', '')}".strip()),
+            ("converted as", f"{meta.get('family', '?')} {meta.get('variant', '?')}"),
+            ("weights", f"{files}, {facts['config'].get('torch_dtype', 'float32')}"),
+            ("command", f"`{command}`" if command else "not recorded")]
+    return ["## Provenance", "", *_table(("", ""), rows), "",
+            "Every file in this folder is listed with its sha256 in `SHA256SUMS`; "
+            "`parityport verify DIR` re-checks them, loads the model strictly and runs it.", ""]
+
+
+def _logits_max_abs(run: dict[str, Any]) -> Any:
+    return next((t.get("max_abs") for t in run.get("taps", []) if t.get("tap") == "logits"), None)
+
+
+def _parity(parity: dict[str, Any] | None) -> list[str]:
+    if parity is None:
+        return ["## Parity", "", "**No parity record**: this folder was converted without the "
+                "layer-by-layer comparison and is not verified.", ""]
+    verdict = "PASSED" if parity.get("passed") is True else \
+        f"FAILED (first diverging tap: {parity.get('first_diverging_tap')})"
+    rows = [(r.get("side"), r.get("role"), r.get("input"), r.get("dtype"), _sci(_logits_max_abs(r)),
+             r.get("first_diverging_tap") or "-", "pass" if r.get("passed") else "FAIL")
+            for r in parity.get("runs", [])]
+    return ["## Parity", "",
+            f"Source side: {parity.get('source')}. Verdict: **{verdict}**. Every named tap (stem, each "
+            "unit/block, pre-logits, logits) was compared on the same input tensors; the full "
+            "per-tap record is in `parity.json` / `parity.md` / `parity.png`.", "",
+            *_table(("side", "role", "input", "weights", "logits max-abs", "first diverging tap", "verdict"),
+                    rows), ""]
+
+
+def _accuracy(evals: Sequence[dict[str, Any]], entry) -> list[str]:
+    if not evals:
+        return []
+    rows = []
+    for result in evals:
+        published = _published_for(entry, result.get("protocol"))
+        rows.append((result.get("protocol"), result.get("images"), f"{float(result['top1']):.3f}",
+                     f"{float(result['top5']):.3f}" if result.get("top5") is not None else "n/a",
+                     f"{published.top1:g} ({published.source})" if published else "none catalogued",
+                     result.get("device", "?")))
+    return ["## ImageNet-1k validation accuracy", "",
+            "Measured on this folder with `parityport eval --json`, beside the published figure "
+            "for the same protocol.", "",
+            *_table(("protocol", "images", "top-1 (%)", "top-5 (%)", "published top-1 (%)", "device"), rows), ""]
+
+
+def _differences(parity: dict[str, Any] | None) -> list[str]:
+    notes = (parity or {}).get("notes") or []
+    lines = [f"- {n}" for n in notes] or ["- None recorded."]
+    return ["## Known differences", "", *lines, ""]
+
+
+def license_section(entry: Entry | None) -> list[str]:
+    """The card's License section: the source's terms, and any conflict with the hub cards' terms."""
+    if entry is None:
+        return ["## License", "", "The source file is not in parityport's catalog, so its license is "
+                "**unknown** (declared as `other`). Check the original checkpoint's terms before use.", ""]
+    lic = entry.license
+    text = f"The original repository states **{lic.original}** ({lic.original_source})."
+    if lic.hub_card and lic.hub_card.lower() != (lic.original or "").lower():
+        text += (f" The existing hub model cards state **{lic.hub_card}** ({lic.hub_card_source}). "
+                 "These disagree; this card declares the original repository's terms until the "
+                 "authors resolve the conflict.")
+    return ["## License", "", text, ""]
+
+
+def usage_snippet(model_id: str, remote_code: bool) -> str:
+    """Python that loads the model with the Auto classes and prints the top-5 labels of a photo."""
+    trust = ", trust_remote_code=True" if remote_code else ""
+    return "\n".join([
+        "from urllib.request import urlopen", "",
+        "import torch",
+        "from PIL import Image",
+        "from transformers import AutoImageProcessor, AutoModelForImageClassification", "",
+        f"model_id = {json.dumps(model_id)}",
+        f"processor = AutoImageProcessor.from_pretrained(model_id{trust})",
+        f"model = AutoModelForImageClassification.from_pretrained(model_id{trust}).eval()", "",
+        f"image = Image.open(urlopen({json.dumps(_IMAGE_URL)})).convert(\"RGB\")",
+        "with torch.no_grad():",
+        "    logits = model(**processor(images=image, return_tensors=\"pt\")).logits",
+        "top = logits.softmax(-1)[0].topk(min(5, logits.shape[-1]))",
+        "for p, i in zip(top.values.tolist(), top.indices.tolist()):",
+        "    print(f\"{p:.3f}  {model.config.id2label[i]}\")",
+    ])
+
+
+# ---- the card ----------------------------------------------------------------------------------
+
+def model_card(folder: Path, evals: list[dict], command: str | None, model_id: str | None = None) -> str:
+    """The README.md text for a converted folder: hub YAML header, then the human-readable card.
+
+    `evals` are `parityport eval --json` results (top1, top5, images, protocol,
+    model, device) shown with the catalog's published figure and put into
+    `model-index`. `command` is the exact convert command (None keeps the one
+    the folder's current card records). `model_id` is what the usage snippet
+    loads: the hub repo id when publishing, else the folder's path.
+    """
+    folder = Path(folder)
+    facts = _folder_facts(folder)
+    command = command or _recorded_command(folder)
+    meta = facts["meta"]
+    entry = catalog_entry(meta.get("source_file"), meta.get("source_sha256"))
+    name = entry.name if entry else Path(meta.get("source_file") or folder.name).stem
+    architecture = (facts["config"].get("architectures") or ["?"])[0]
+    synthetic = is_synthetic(facts["parity"])
+    remote = "auto_map" in facts["config"]
+    lines = [f"# {name}: transformers `{architecture}`", "",
+             f"The original {meta.get('family', '')} checkpoint `{meta.get('source_file', '?')}` converted "
+             "to safetensors by parityport, with a layer-by-layer parity record against the source "
+             "framework.", ""]
+    if synthetic:
+        lines += ["> **Not the published weights**: this folder was converted from a synthetic file in "
+                  "the exact original layout (random values). It proves the pipeline, not the model.", ""]
+    lines += [*_provenance(facts, entry, command), *_parity(facts["parity"]), *_accuracy(evals, entry),
+              *_differences(facts["parity"]), *license_section(entry),
+              "## Usage", "", "```python", usage_snippet(model_id or str(folder), remote), "```", ""]
+    return "---\n" + _header(facts, evals, entry, name, command) + "---\n\n" + "\n".join(lines)
+
+
+def write_card(folder: Path, evals: Sequence[dict] = (), command: str | None = None,
+               model_id: str | None = None) -> Path:
+    """Write `model_card(...)` to `folder/README.md` and return its path (SHA256SUMS is the caller's)."""
+    path = Path(folder) / CARD_FILE
+    path.write_text(model_card(Path(folder), list(evals), command, model_id))
+    return path

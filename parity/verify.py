@@ -1,0 +1,164 @@
+"""`parityport verify DIR`: is this folder still the verified conversion it claims to be?
+
+Checks, in order: every file against SHA256SUMS (changed, missing, unlisted);
+parity.json present and passed; a strict load in transformers (no missing,
+unexpected or mismatched keys; `trust_remote_code` only when config.json has
+an `auto_map`, and only after the checksums match); and a smoke run on the
+standard photo at the size parity.json recorded: finite logits of the recorded
+shape. Nothing is recomputed that has no recorded value to compare with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from converters.errors import CheckFailed, InputError
+
+SUMS_FILE = "SHA256SUMS"
+PARITY_FILE = "parity.json"
+
+
+def listed_sums(folder: Path) -> dict[str, str]:
+    """`{file name: sha256}` as SHA256SUMS lists them (empty when it is absent)."""
+    path = folder / SUMS_FILE
+    if not path.is_file():
+        return {}
+    pairs = (line.split("  ", 1) for line in path.read_text().splitlines() if line.strip())
+    return {name: digest for digest, name in pairs}
+
+
+def checksum_problems(folder: Path) -> list[str]:
+    """One line per file that is changed, missing, or not listed in SHA256SUMS."""
+    from converters.writer import check_sha256sums
+
+    if not (folder / SUMS_FILE).is_file():
+        return [f"{SUMS_FILE}: missing (no checksums to verify against)"]
+    listed = listed_sums(folder)
+    problems = []
+    for name in check_sha256sums(folder):
+        if name not in listed:
+            problems.append(f"{name}: not listed in {SUMS_FILE}")
+        elif not (folder / name).is_file():
+            problems.append(f"{name}: missing (listed in {SUMS_FILE})")
+        else:
+            problems.append(f"{name}: sha256 does not match {SUMS_FILE} (changed since conversion)")
+    return problems
+
+
+def read_parity(folder: Path) -> dict[str, Any] | None:
+    """parity.json as a dict, or None when it is missing or unreadable."""
+    try:
+        report = json.loads((folder / PARITY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def parity_problems(folder: Path) -> list[str]:
+    """A line when parity.json is missing, unreadable or records a failed comparison."""
+    report = read_parity(folder)
+    if report is None:
+        state = "unreadable" if (folder / PARITY_FILE).is_file() else "missing (converted with --no-parity?)"
+        return [f"{PARITY_FILE}: {state}; the folder is not verified"]
+    if report.get("passed") is not True:
+        return [f"{PARITY_FILE}: parity FAILED (first diverging tap: {report.get('first_diverging_tap')})"]
+    return []
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(folder / "config.json", f"cannot read: {error}") from None
+
+
+def load_strict(folder: Path):
+    """Load with AutoModelForImageClassification; returns (model, problems naming bad keys)."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    remote = "auto_map" in _config(folder)
+    model, info = AutoModelForImageClassification.from_pretrained(
+        str(folder), trust_remote_code=remote, dtype=torch.float32, output_loading_info=True)
+    problems = [f"weights: {kind.replace('_', ' ')}: {sorted(map(str, keys))[:5]}"
+                for kind, keys in info.items() if keys]
+    return model.eval(), problems
+
+
+def _photo_size(report: dict[str, Any]) -> tuple[int, int]:
+    """(H, W) of the first run's input, e.g. `noise 224x224` → (224, 224)."""
+    runs = report.get("runs") or [{}]
+    match = re.search(r"(\d+)x(\d+)", str(runs[0].get("input", "")))
+    return (int(match.group(1)), int(match.group(2))) if match else (224, 224)
+
+
+def _recorded_logits_shape(report: dict[str, Any], size: tuple[int, int]) -> list[int] | None:
+    """The logits shape parity.json recorded for the target on the photo at `size`."""
+    name = f"photo {size[0]}x{size[1]}"
+    for run in report.get("runs", []):
+        if run.get("role") == "target" and run.get("input") == name:
+            return next((t["shape"] for t in run.get("taps", []) if t.get("tap") == "logits"), None)
+    return None
+
+
+def smoke_problems(folder: Path, model, report: dict[str, Any]) -> list[str]:
+    """Run the standard photo through `model`: logits must be finite and of the recorded shape."""
+    import torch
+
+    from parity.inputs import standard_inputs
+
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text()) \
+        if (folder / "preprocessor_config.json").is_file() else {}
+    size = _photo_size(report)
+    inputs = standard_inputs([size], preprocessor.get("image_mean", [0.5] * 3), preprocessor.get("image_std", [0.5] * 3))
+    photo = next(i for i in inputs if i.name.startswith("photo"))
+    with torch.no_grad():
+        logits = model(pixel_values=torch.from_numpy(photo.pixels)).logits
+    expected = _recorded_logits_shape(report, size) or [1, model.config.num_labels]
+    problems = []
+    if list(logits.shape) != list(expected):
+        problems.append(f"logits: shape {list(logits.shape)} on {photo.name}, parity.json recorded {expected}")
+    if not torch.isfinite(logits).all():
+        problems.append(f"logits: non-finite values on {photo.name}")
+    return problems
+
+
+def verify(folder: Path) -> list[str]:
+    """Every problem found in `folder`, one line each naming the file; empty when it verifies.
+
+    The model is loaded (and, with an `auto_map`, its code run) only when the
+    checksums match and parity.json records a pass.
+    """
+    folder = Path(folder)
+    problems = checksum_problems(folder) + parity_problems(folder)
+    if problems:
+        return problems
+    try:
+        model, problems = load_strict(folder)
+    except Exception as error:  # noqa: BLE001  any failure to load is the finding
+        return [f"{folder}: does not load in transformers: {type(error).__name__}: {str(error).splitlines()[0]}"]
+    return problems + smoke_problems(folder, model, read_parity(folder) or {})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `parityport verify`."""
+    parser.add_argument("dir", type=Path, help="a converted folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Verify DIR: exit 0 when every check passes, 1 naming the first bad file otherwise."""
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise InputError(folder, "no such folder")
+    problems = verify(folder)
+    for problem in problems:
+        print(f"  {problem}")
+    if problems:
+        raise CheckFailed(f"{folder}: verification FAILED: {problems[0]}"
+                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    print(f"{folder}: verified (checksums, parity record, strict load, finite logits on the photo)")
+    return 0

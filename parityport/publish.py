@@ -1,0 +1,186 @@
+"""`parityport publish DIR --repo-id ORG/NAME`: upload a verified folder to the Hugging Face Hub.
+
+A folder is published only when its files match SHA256SUMS and parity.json
+records a pass. The model card (README.md) is regenerated first, with any
+attached `parityport eval --json` results, and SHA256SUMS is updated for it;
+then one commit adds every file through huggingface_hub's own API
+(`HfApi.create_repo`, `HfApi.create_commit` with `CommitOperationAdd`).
+`--dry-run` builds the same operations and prints them without any network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from converters.errors import CheckFailed, InputError
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `parityport publish`."""
+    parser.add_argument("dir", type=Path, help="a converted, verified folder")
+    parser.add_argument("--repo-id", required=True, help="the hub repository, ORG/NAME")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--eval", dest="evals", type=Path, nargs="+", action="extend", default=[],
+                        metavar="EVAL.json", help="`parityport eval --json` results to put on the card")
+    parser.add_argument("--token", help="hub token (default: HF_TOKEN or the one saved by `hf auth login`)")
+
+
+# ---- what is published -------------------------------------------------------------------------
+
+def check_publishable(folder: Path) -> None:
+    """Refuse (CheckFailed, naming the file) a folder whose checksums or parity record do not hold."""
+    from parity.verify import checksum_problems, parity_problems
+
+    if not folder.is_dir():
+        raise InputError(folder, "no such folder")
+    problems = checksum_problems(folder) + parity_problems(folder)
+    if problems:
+        raise CheckFailed(f"{folder}: refusing to publish: {problems[0]}"
+                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def read_eval(path: Path, folder: Path) -> dict[str, Any]:
+    """One `parityport eval --json` result, checked to be a measurement of this folder's weights."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(path, f"cannot read the eval result: {error}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("top1"), (int, float)):
+        raise InputError(path, "not a `parityport eval --json` result (no numeric top1)")
+    measured = Path(str(result.get("model", "")))
+    if result.get("model") and measured.is_dir() and not _same_weights(folder, measured):
+        raise InputError(path, f"measures {measured}, whose weights differ from {folder}")
+    return result
+
+
+def _same_weights(folder: Path, other: Path) -> bool:
+    """True when both folders list the same weight files with the same sha256 (or are one folder)."""
+    from parity.verify import listed_sums
+
+    if folder.resolve() == other.resolve():
+        return True
+    weights = lambda sums: {n: h for n, h in sums.items() if n.endswith(".safetensors")}  # noqa: E731
+    return weights(listed_sums(folder)) == weights(listed_sums(other))
+
+
+def staged_files(folder: Path, evals: list[dict[str, Any]], repo_id: str) -> dict[str, bytes | Path]:
+    """`{path in repo: content}`: every listed file, the regenerated README.md and the updated SHA256SUMS."""
+    from parity.card import CARD_FILE, model_card
+    from parity.verify import SUMS_FILE, listed_sums
+
+    card = model_card(folder, evals, None, model_id=repo_id).encode()
+    sums = listed_sums(folder) | {CARD_FILE: hashlib.sha256(card).hexdigest()}
+    listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())).encode()
+    files: dict[str, bytes | Path] = {name: folder / name for name in sorted({*sums, SUMS_FILE})}
+    return files | {CARD_FILE: card, SUMS_FILE: listing}
+
+
+def commit_operations(files: dict[str, bytes | Path]) -> list:
+    """One `CommitOperationAdd` per file, in name order."""
+    from huggingface_hub import CommitOperationAdd
+
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content if isinstance(content, bytes)
+                               else str(content)) for name, content in files.items()]
+
+
+def describe(operations: list) -> str:
+    """The operations as a table: path in repo, size in bytes, sha256."""
+    lines = [f"{len(operations)} files:"]
+    for op in operations:
+        lines.append(f"  add  {op.path_in_repo:<40} {op.upload_info.size:>14,d}  {op.upload_info.sha256.hex()}")
+    return "\n".join(lines)
+
+
+# ---- the hub -----------------------------------------------------------------------------------
+
+def _hub_token(explicit: str | None) -> str:
+    """The token to publish with; InputError when offline or when there is none."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise InputError(None, "HF_HUB_OFFLINE is set: cannot publish offline (--dry-run shows what would be uploaded)")
+    token = explicit or get_token()
+    if not token:
+        raise InputError(None, "no Hugging Face token: run `hf auth login`, set HF_TOKEN or pass --token")
+    return token
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the hub could not be reached (huggingface_hub's HTTP client's, and OSError)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled, OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def upload(operations: list, repo_id: str, token: str, private: bool, message: str) -> str:
+    """Create the repository if needed and add every file in one commit; return the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
+        info = api.create_commit(repo_id, operations, commit_message=message, repo_type="model")
+    except HfHubHTTPError as error:
+        raise InputError(None, f"{repo_id}: the hub refused: {_first_line(error)}") from None
+    except _network_errors() as error:
+        raise InputError(None, f"cannot reach the Hugging Face Hub ({_first_line(error)}); "
+                               "check the network, or use --dry-run") from None
+    return info.commit_url
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Publish DIR (or with --dry-run, print what would be published)."""
+    from parity.card import CARD_FILE, is_synthetic
+    from parity.verify import SUMS_FILE, read_parity
+
+    folder = Path(args.dir)
+    if not _REPO_ID.fullmatch(args.repo_id):
+        raise InputError(None, f"--repo-id {args.repo_id!r} is not ORG/NAME")
+    check_publishable(folder)
+    evals = [read_eval(path, folder) for path in args.evals]
+    files = staged_files(folder, evals, args.repo_id)
+    operations = commit_operations(files)
+    print(f"{'dry run: ' if args.dry_run else ''}{folder} -> {args.repo_id}")
+    print(describe(operations))
+    synthetic = is_synthetic(read_parity(folder))
+    if synthetic:
+        print("note: SYNTHETIC weights (random values in the original layout): an upload is refused")
+    if args.dry_run:
+        return 0
+    if synthetic:
+        raise InputError(folder, "holds SYNTHETIC weights (random values in the original layout), not the "
+                                 "published checkpoint; refusing to publish them")
+    token = _hub_token(args.token)
+    for name in (CARD_FILE, SUMS_FILE):  # the folder keeps the card it was published with
+        _write_atomically(folder / name, files[name])
+    print(f"uploading {len(operations)} files to {args.repo_id}")
+    url = upload(operations, args.repo_id, token, args.private, f"Upload {folder.name} (converted by parityport)")
+    print(f"published: {url}")
+    return 0
