@@ -24,7 +24,41 @@ def _bit(entry: Entry, path: Path) -> None:
     write_bit_npz(path, bit_arrays(DEPTHS[depth], width, entry.classes, seed=0))
 
 
-WRITERS: dict[str, Callable[[Entry, Path], None]] = {"bit": _bit}
+# Catalog arch → reference variant name (data2vec entries).
+D2V_VARIANTS = {"ViT-B/16": "base", "ViT-L/16": "large", "ViT-H/14": "huge"}
+
+
+def _d2v_variant(entry: Entry) -> str:
+    if entry.arch not in D2V_VARIANTS:
+        raise InputError(None, f"cannot synthesise {entry.name}: unknown architecture {entry.arch!r}")
+    return D2V_VARIANTS[entry.arch]
+
+
+def _data2vec1(entry: Entry, path: Path) -> None:
+    """Fine-tuned: a DeepSpeed file with per-layer tables (the likely release layout); pretrained: the
+    .pth of beit/utils.py::save_model with the shared table."""
+    from checkpoints import synthetic_data2vec as synth
+    from reference.data2vec1_torch import config_for
+
+    finetuned = entry.classes is not None
+    config = config_for(_d2v_variant(entry), num_classes=entry.classes or 0)
+    sd = synth.d2v1_state_dict(config, seed=0, shared_rel_pos=not finetuned, finetuned=finetuned)
+    (synth.write_d2v1_deepspeed if finetuned else synth.write_d2v1_pretrained)(path, sd)
+
+
+def _data2vec2(entry: Entry, path: Path) -> None:
+    """A fairseq checkpoint (`*_ft.pt` when the entry has classes) with its plain-dict cfg."""
+    from checkpoints import synthetic_data2vec as synth
+    from reference.data2vec2_torch import config_for
+
+    finetuned = entry.classes is not None
+    config = config_for(_d2v_variant(entry), num_classes=entry.classes or 0)
+    synth.write_d2v2_fairseq(path, synth.d2v2_state_dict(config, seed=0, finetuned=finetuned),
+                             synth.d2v2_cfg(config, finetuned=finetuned))
+
+
+WRITERS: dict[str, Callable[[Entry, Path], None]] = {"bit": _bit, "data2vec1": _data2vec1,
+                                                     "data2vec2": _data2vec2}
 
 
 def synthetic_stand_in(entry: Entry, folder: Path) -> Path:

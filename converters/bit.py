@@ -215,7 +215,10 @@ def convert(checkpoint: Checkpoint) -> Conversion:
         tensors = name_h5_positions(checkpoint)
         notes.append("h5 weights named by position (TF2 Keras order: a/proj last in unit01).")
     else:
-        tensors, renamed = normalise_npz_names(checkpoint.tensors)
+        try:
+            tensors, renamed = normalise_npz_names(checkpoint.tensors)
+        except InputError as e:
+            raise InputError(checkpoint.path, e.problem) from None
         if renamed:
             notes.append(f"{renamed} keys spelled standardized_conv2d_N were normalised.")
     try:

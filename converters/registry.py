@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from converters import bit
+from converters import bit, data2vec
 from converters.family import Converter, Detector
 
-DETECTORS: dict[str, Detector] = {"bit": bit.is_bit}
-CONVERTERS: dict[str, Converter] = {"bit": bit.convert}
+DETECTORS: dict[str, Detector] = {"bit": bit.is_bit, "data2vec1": data2vec.is_data2vec1,
+                                  "data2vec2": data2vec.is_data2vec2}
+CONVERTERS: dict[str, Converter] = {"bit": bit.convert, "data2vec1": data2vec.convert_data2vec1,
+                                    "data2vec2": data2vec.convert_data2vec2}

@@ -115,7 +115,11 @@ class Identity(Op):
 
 @dataclass(frozen=True)
 class Transpose(Op):
-    """np.transpose with `axes` (HWIO → OIHW is ``Transpose((3, 2, 0, 1))``)."""
+    """np.transpose with `axes` (HWIO → OIHW is ``Transpose((3, 2, 0, 1))``).
+
+    Returns a strided VIEW, not a copy: the writer reorders it a block at a time,
+    so a transposed tensor costs its own size in memory, not twice that.
+    """
 
     axes: tuple[int, ...]
 
@@ -123,7 +127,7 @@ class Transpose(Op):
         return [tuple(s[a] for a in self.axes) for s in shapes]
 
     def __call__(self, arrays):
-        return [np.ascontiguousarray(np.transpose(a, self.axes)) for a in arrays]
+        return [np.transpose(a, self.axes) for a in arrays]
 
     def inverse(self):
         return Transpose(tuple(int(i) for i in np.argsort(self.axes)))

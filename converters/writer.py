@@ -14,10 +14,9 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
-import torch
 
 from converters.errors import InputError
 from converters.tensors import LazyTensor
@@ -28,7 +27,7 @@ _TAGS = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.f
          np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
          np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
-_CHUNK = 64 << 20
+_CHUNK = 16 << 20  # bytes cast and written at a time, beside the one loaded tensor
 
 
 _FLOAT_OUT = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
@@ -42,13 +41,36 @@ def _tag_and_size(tensor: LazyTensor, dtype: str | None) -> tuple[str, int]:
     return _TAGS[np.dtype(tensor.dtype)], count * np.dtype(tensor.dtype).itemsize
 
 
+def _encoded_chunks(array: np.ndarray, dtype: str | None) -> Iterator[memoryview]:
+    """The little-endian bytes of `array`, floats cast to `dtype`, in pieces of about `_CHUNK`.
+
+    A C-ordered array is cut into flat slices; a strided view (a transposed
+    kernel) into blocks of its leading axis. Only one block is copied, cast and
+    held at a time, so writing adds at most a chunk to the loaded tensor.
+    """
+    if array.size == 0:
+        return
+    if array.flags.c_contiguous or array.ndim < 2:
+        flat = np.ascontiguousarray(array).reshape(-1)
+        step = max(1, _CHUNK // max(flat.itemsize, 1))
+        blocks = (flat[i:i + step] for i in range(0, flat.size, step))
+    else:
+        row = max(1, array[0].nbytes)
+        step = max(1, _CHUNK // row)
+        blocks = (array[i:i + step] for i in range(0, array.shape[0], step))
+    for block in blocks:
+        yield _encode(block, dtype)
+
+
 def _encode(array: np.ndarray, dtype: str | None) -> memoryview:
     """The little-endian bytes of `array`, floats cast to `dtype` (float32/bfloat16/float16)."""
     if dtype is not None and np.issubdtype(array.dtype, np.floating):
         if dtype == "bfloat16":  # round-to-nearest-even, as torch does
+            import torch
+
             words = torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(torch.bfloat16)
             return memoryview(words.view(torch.int16).numpy()).cast("B")
-        array = array.astype(dtype)
+        array = array.astype(dtype, copy=False)  # float32 → float32 is not copied
     array = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
     return memoryview(array).cast("B")
 
@@ -59,6 +81,8 @@ def header_for(tensors: Mapping[str, LazyTensor], dtype: str | None,
     entries: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, tensor in tensors.items():
+        if not name or name == "__metadata__":  # the header's own key; a loader would misread it
+            raise InputError(None, f"refusing tensor name {name!r} in the output")
         tag, size = _tag_and_size(tensor, dtype)
         entries[name] = {"dtype": tag, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
         offset += size
@@ -90,32 +114,50 @@ def write_safetensors(path: Path, tensors: Mapping[str, LazyTensor], *, dtype: s
             array = tensor.load()
             if not allow_nonfinite:
                 _check_finite(name, array)
-            data = _encode(array, dtype)
-            _write_chunks(f, data, digest)
+            written = 0
+            for piece in _encoded_chunks(array, dtype):
+                f.write(piece)
+                digest.update(piece)
+                written += len(piece)
             if on_tensor:
-                on_tensor(name, len(data))
-            del array, data
+                on_tensor(name, written)
+            del array
         f.flush()
         os.fsync(f.fileno())
+    _remember_digest(path, digest.hexdigest())
     return digest.hexdigest()
 
 
-def _write_chunks(f, data: memoryview, digest) -> None:
-    for start in range(0, len(data), _CHUNK):
-        piece = data[start:start + _CHUNK]
-        f.write(piece)
-        digest.update(piece)
-
-
 def _check_finite(name: str, array: np.ndarray) -> None:
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        bad = int(np.size(array) - np.isfinite(array).sum())
-        raise InputError(None, f"{name}: {bad} non-finite values (NaN or Inf); "
-                               "pass --allow-nonfinite to convert anyway")
+    """Refuse NaN/Inf, checked a block at a time (a whole-tensor mask would cost a quarter of it)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    flat = array.reshape(-1) if array.flags.c_contiguous else array
+    step = max(1, _CHUNK // max(flat[:1].nbytes, 1))
+    if all(np.isfinite(flat[i:i + step]).all() for i in range(0, flat.shape[0], step)):
+        return
+    bad = sum(int(np.count_nonzero(~np.isfinite(flat[i:i + step]))) for i in range(0, flat.shape[0], step))
+    raise InputError(None, f"{name}: {bad} non-finite values (NaN or Inf); "
+                           "pass --allow-nonfinite to convert anyway")
+
+
+# Digests of the files this process has just written, so SHA256SUMS does not read
+# them back: path → (inode, size, mtime_ns, sha256). A file changed since no longer matches.
+_WRITTEN: dict[str, tuple[int, int, int, str]] = {}
+
+
+def _remember_digest(path: Path, digest: str) -> None:
+    st = os.stat(path)
+    _WRITTEN[os.path.abspath(path)] = (st.st_ino, st.st_size, st.st_mtime_ns, digest)
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks (or remembered, if this process just wrote it)."""
+    known = _WRITTEN.get(os.path.abspath(path))
+    if known is not None:
+        st = os.stat(path)
+        if known[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
+            return known[3]
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

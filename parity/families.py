@@ -9,6 +9,7 @@ from converters import bit
 from converters.family import Conversion
 from converters.tensors import Checkpoint
 from parity import bit as bit_sides
+from parity.data2vec import data2vec1_parity, data2vec2_parity
 from parity.capture import strict_numerics
 from parity.engine import ParityReport, Side, run_parity
 from parity.inputs import standard_inputs
@@ -46,4 +47,5 @@ def _peer(checkpoint: Checkpoint, conversion: Conversion, arrays, notes: list[st
         return None
 
 
-PARITY: dict[str, Callable[..., ParityReport]] = {"bit": bit_parity}
+PARITY: dict[str, Callable[..., ParityReport]] = {"bit": bit_parity, "data2vec1": data2vec1_parity,
+                                                  "data2vec2": data2vec2_parity}

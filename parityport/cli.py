@@ -119,7 +119,7 @@ def _parity(checkpoint, conversion, folder: Path, dtype: str, synthetic: bool):
     if synthetic:
         report.notes.insert(0, "SYNTHETIC source: random weights in the exact original layout, "
                                "not the published checkpoint.")
-    write_reports(report, folder, {"source_file": checkpoint.path.name})
+    write_reports(report, folder, {"source_file": checkpoint.path.name, "dropped": conversion.dropped})
     _say(_summary(report))
     return report
 
@@ -127,8 +127,8 @@ def _parity(checkpoint, conversion, folder: Path, dtype: str, synthetic: bool):
 def _summary(report) -> str:
     lines = [f"parity: {report.family} {report.variant} vs {report.source}"]
     for r in report.results:
-        logits = next((t.max_abs for t in r.taps if t.tap == "logits"), float("nan"))
-        lines.append(f"  {r.side:<42} {r.input:<16} {r.dtype:<9} max|dlogit| {logits:.2e}  "
+        last = next((t for t in r.taps if t.tap == "logits"), r.taps[-1])  # encoders end at "norm"
+        lines.append(f"  {r.side:<42} {r.input:<16} {r.dtype:<9} max|d {last.tap}| {last.max_abs:.2e}  "
                      f"{'pass' if r.passed else 'FAIL at ' + str(r.first_divergence)}")
     nonfinite = list(dict.fromkeys(t.tap for r in report.results for t in r.taps if t.nonfinite))
     if nonfinite:

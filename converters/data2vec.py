@@ -1,0 +1,516 @@
+"""data2vec-vision → transformers: 1.0 (BEiT-based code) and 2.0 (fairseq `data2vec_multi`).
+
+Sources (shared/FORMATS.md):
+- 1.0 pretrained `checkpoint-799.pth`: weights under `model` (student), the
+  teacher under `model_ema`, optimizer/scaler state, an argparse `args`;
+- 1.0 fine-tuned DeepSpeed `mp_rank_00_model_states.pt`: weights under
+  `module` (fp16), DeepSpeed's optimizer and bookkeeping beside them;
+- 2.0 fine-tuned fairseq `*_ft.pt`: `model` holds `model.<Data2VecMultiModel>`
+  plus `fc_norm`/`head`; `cfg` holds the backbone's hyper-parameters.
+
+Targets: `Data2VecVisionForImageClassification` (1.0 fine-tuned),
+`Data2VecVisionModel` (1.0 pretrained), and our custom
+`Data2Vec2VisionForImageClassification` (2.0, shipped as code in the folder and
+loaded with `trust_remote_code=True`). Everything about the variant is read
+from the shapes, except the 2.0 head count, which only the file's cfg knows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from converters.errors import InputError
+from converters.family import Conversion, expected_shapes
+from converters.rules import Broadcast, Drop, Rename, Rule, SplitRows, apply_rules
+from converters.tensors import Checkpoint, LazyTensor
+
+CROP_PCT = 0.875  # both originals: resize the shorter side to int(crop / 0.875), centre-crop `crop`
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # data2vec 1.0 fine-tuning (no --imagenet_default_mean_and_std)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # data2vec 2.0
+LN_EPS = 1e-6  # every LayerNorm of both originals; transformers' Data2VecVision default is 1e-12
+DERIVED = "derived: rebuilt from the window size (never written)"
+
+# Top-level container entries that are not model weights: (prefix, why). Checked before the rules.
+CONTAINER_DROPS: tuple[tuple[str, str], ...] = (
+    ("model_ema.", "EMA teacher of pretraining (the student under 'model' is the released model)"),
+    ("optimizer.", "optimizer state"),
+    ("scaler.", "fp16 loss-scaler state"),
+    ("lr_scheduler.", "learning-rate scheduler state"),
+    ("criterion.", "fairseq criterion state"),
+    ("optimizer_history.", "fairseq optimizer history"),
+    ("last_optimizer_state.", "fairseq optimizer state"),
+    ("extra_state.", "fairseq training state"),
+    ("task_state.", "fairseq task state"),
+)
+
+ARCHS: dict[tuple[int, int, int, int], str] = {  # (dim, blocks, heads, patch) → published name
+    (768, 12, 12, 16): "ViT-B/16", (1024, 24, 16, 16): "ViT-L/16", (1280, 32, 16, 14): "ViT-H/14",
+}
+# 2.0 heads by width, used only when the file carries no cfg (the shapes cannot tell).
+D2V2_HEADS_BY_DIM = {768: 12, 1024: 16, 1280: 16}
+
+
+def _arch(dim: int, blocks: int, heads: int, patch: int) -> str:
+    return ARCHS.get((dim, blocks, heads, patch), f"ViT-d{dim}-L{blocks}-H{heads}/{patch}")
+
+
+def _shape(tensors: Mapping[str, LazyTensor], key: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise InputError(None, f"missing keys: {key}")
+    return tuple(tensors[key].shape)
+
+
+def _count(tensors: Mapping[str, LazyTensor], prefix: str) -> int:
+    """1 + the largest N of keys `<prefix>N.…` (0 when there are none)."""
+    ids = {int(m.group(1)) for k in tensors if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return 1 + max(ids) if ids else 0
+
+
+def _pair(source: str, target: str) -> list[Rename]:
+    """`source.{weight,bias}` → `target.{weight,bias}` (explicit leaves: anything else is unknown)."""
+    return [Rename(f"{source}.{leaf}", f"{target}.{leaf}") for leaf in ("weight", "bias")]
+
+
+def drop_subtrees(tensors: Mapping[str, LazyTensor], drops: Sequence[tuple[str, str]]
+                  ) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """Split off every key under one of the `(prefix, why)` subtrees; returns (kept, dropped)."""
+    kept: dict[str, LazyTensor] = {}
+    dropped: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        why = next((w for prefix, w in drops if key.startswith(prefix)), None)
+        if why is None:
+            kept[key] = tensor
+        else:
+            dropped[key] = why
+    return kept, dropped
+
+
+def _half_note(tensors: Mapping[str, LazyTensor]) -> list[str]:
+    halves = sum(np.dtype(t.dtype) == np.float16 for t in tensors.values())
+    if not halves:
+        return []
+    return [f"{halves} tensors are stored as float16 (fp16 training); they are widened to float32 "
+            "exactly, and the parity source reads the same widened values."]
+
+
+def dropped_notes(dropped: Mapping[str, str], shown: int = 4) -> list[str]:
+    """One line per drop reason: how many keys, and the first few by name."""
+    by_reason: dict[str, list[str]] = {}
+    for key, why in dropped.items():
+        by_reason.setdefault(why, []).append(key)
+    return [f"Dropped by rule ({why}): {len(keys)} key{'s' if len(keys) > 1 else ''}: "
+            f"{', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''}"
+            for why, keys in by_reason.items()]
+
+
+def preprocessor_config(image: int, mean: Sequence[float], std: Sequence[float]) -> dict:
+    """The ORIGINAL eval pipeline: shorter side int(image/0.875) bicubic, centre crop image×image.
+
+    (The hub's published data2vec-vision preprocessor squashes to 224×224 with
+    no crop: a different pipeline; `parityport eval --protocol hub` measures it.)
+    """
+    return {
+        "image_processor_type": "BeitImageProcessor",
+        "do_resize": True, "size": {"shortest_edge": int(image / CROP_PCT)}, "resample": 3,  # PIL bicubic
+        "do_center_crop": True, "crop_size": {"height": image, "width": image},
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
+        "do_reduce_labels": False,
+    }
+
+
+def _labels(num_classes: int) -> dict:
+    from checkpoints.labels import imagenet_id2label
+
+    labels = imagenet_id2label(num_classes) or {i: f"LABEL_{i}" for i in range(num_classes)}
+    return {"id2label": {str(i): v for i, v in labels.items()}, "label2id": {v: i for i, v in labels.items()}}
+
+
+HUB_PREPROCESSOR_NOTE = ("preprocessor_config.json holds the ORIGINAL eval pipeline (shorter side 256 bicubic, "
+                         "centre crop 224); the hub's published data2vec-vision preprocessor squashes to "
+                         "224x224 with no crop, a different pipeline.")
+
+
+# =============================================================================
+# data2vec 1.0 (BEiT-based)
+
+D2V1_ENTRIES = ("model.", "module.", "")  # beit save_model, DeepSpeed, a bare state dict
+_D2V1_SIGNATURE = re.compile(r"^(model\.|module\.)?blocks\.\d+\.attn\.(q_bias|v_bias)$")  # 2.0 has a fused qkv bias
+
+# Inside a block: original → transformers (weight and bias each).
+D2V1_BLOCK_PAIRS = (("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
+                    ("attn.proj", "attention.output.dense"), ("mlp.fc1", "intermediate.dense"),
+                    ("mlp.fc2", "output.dense"))
+
+
+@dataclass(frozen=True)
+class D2V1Spec:
+    """A data2vec 1.0 file's variant, as read from the shapes."""
+
+    prefix: str          # the container entry holding the weights: "module.", "model." or ""
+    dim: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+    patch: int
+    image: int
+    in_chans: int
+    num_classes: int     # 0: the pretrained encoder
+    shared_rel_pos: bool
+
+    @property
+    def finetuned(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def window(self) -> int:
+        return self.image // self.patch
+
+    @property
+    def name(self) -> str:
+        kind = f"fine-tuned ({self.num_classes} classes)" if self.finetuned else "pretrained"
+        return f"{_arch(self.dim, self.depth, self.heads, self.patch)} {kind}"
+
+
+def is_data2vec1(checkpoint: Checkpoint) -> bool:
+    """BEiT-style separate q/v biases (`blocks.N.attn.q_bias`) at the top or under model/module."""
+    return any(_D2V1_SIGNATURE.match(k) for k in checkpoint.tensors)
+
+
+def _d2v1_prefix(tensors: Mapping[str, LazyTensor]) -> str:
+    for prefix in D2V1_ENTRIES:
+        if any(k.startswith(prefix + "blocks.") for k in tensors):
+            return prefix
+    raise InputError(None, "no data2vec 1.0 blocks under model, module or the top level")
+
+
+def _d2v1_window(rows: int, key: str) -> int:
+    """Window side W from a relative position table of (2W-1)^2 + 3 rows."""
+    side = int(round((rows - 3) ** 0.5))
+    if side * side != rows - 3 or side % 2 == 0:
+        raise InputError(None, f"{key}: {rows} rows is not a (2W-1)^2+3 relative position table")
+    return (side + 1) // 2
+
+
+def infer_d2v1(tensors: Mapping[str, LazyTensor]) -> D2V1Spec:
+    """Width, depth, heads, window, classes and the rel-pos kind from the shapes."""
+    p = _d2v1_prefix(tensors)
+    per_layer, shared = (f"{p}blocks.0.attn.relative_position_bias_table",
+                         f"{p}rel_pos_bias.relative_position_bias_table")
+    if per_layer in tensors and shared in tensors:
+        raise InputError(None, f"both {shared} and per-layer tables: unsupported combination")
+    table = per_layer if per_layer in tensors else shared
+    rows, heads = _shape(tensors, table)
+    conv = _shape(tensors, f"{p}patch_embed.proj.weight")
+    return D2V1Spec(
+        prefix=p, dim=_shape(tensors, f"{p}cls_token")[-1], depth=_count(tensors, f"{p}blocks."),
+        heads=heads, mlp_hidden=_shape(tensors, f"{p}blocks.0.mlp.fc1.weight")[0], patch=conv[-1],
+        image=_d2v1_window(rows, table) * conv[-1], in_chans=conv[1],
+        num_classes=_shape(tensors, f"{p}head.weight")[0] if f"{p}head.weight" in tensors else 0,
+        shared_rel_pos=table == shared)
+
+
+def d2v1_rules(spec: D2V1Spec) -> list[Rule]:
+    """Original names → `Data2VecVisionForImageClassification` (fine-tuned) / `Data2VecVisionModel` names."""
+    s = spec.prefix
+    t = "data2vec_vision." if spec.finetuned else ""
+    block, layer = f"{s}blocks.{{i}}.", f"{t}encoder.layer.{{i}}."
+    attn = layer + "attention.attention."
+    table = "relative_position_bias.relative_position_bias_table"
+    rules: list[Rule] = [
+        Rename(f"{s}cls_token", f"{t}embeddings.cls_token"),
+        *_pair(f"{s}patch_embed.proj", f"{t}embeddings.patch_embeddings.projection"),
+        *[r for old, new in D2V1_BLOCK_PAIRS for r in _pair(block + old, layer + new)],
+        Rename(block + "attn.qkv.weight", tuple(f"{attn}{n}.weight" for n in ("query", "key", "value")),
+               SplitRows(3)),
+        Rename(block + "attn.q_bias", attn + "query.bias"),  # no key bias: the original's is a constant zero
+        Rename(block + "attn.v_bias", attn + "value.bias"),
+        Rename(block + "gamma_1", layer + "lambda_1"),
+        Rename(block + "gamma_2", layer + "lambda_2"),
+        Rename(block + "attn.relative_position_bias_table", attn + table),
+        Drop(block + "attn.relative_position_index", DERIVED),
+        Drop(f"{s}rel_pos_bias.relative_position_index", DERIVED),
+    ]
+    if spec.shared_rel_pos:  # one shared table = the same table in every layer (BEiT's own expansion)
+        targets = tuple(f"{t}encoder.layer.{i}.attention.attention.{table}" for i in range(spec.depth))
+        rules.append(Rename(f"{s}rel_pos_bias.relative_position_bias_table", targets, Broadcast(spec.depth)))
+    if spec.finetuned:
+        return rules + [*_pair(f"{s}fc_norm", f"{t}pooler.layernorm"), *_pair(f"{s}head", "classifier")]
+    return rules + [*_pair(f"{s}norm", "layernorm"),
+                    Drop(f"{s}lm_head.weight", "masked-prediction head of pretraining"),
+                    Drop(f"{s}lm_head.bias", "masked-prediction head of pretraining"),
+                    Drop(f"{s}mask_token", "mask embedding of pretraining")]
+
+
+def d2v1_config(spec: D2V1Spec) -> dict:
+    """The exact `Data2VecVisionConfig`: original eps, per-layer tables, mean pooling when fine-tuned."""
+    config = {
+        "model_type": "data2vec-vision",
+        "architectures": ["Data2VecVisionForImageClassification" if spec.finetuned else "Data2VecVisionModel"],
+        "hidden_size": spec.dim, "num_hidden_layers": spec.depth, "num_attention_heads": spec.heads,
+        "intermediate_size": spec.mlp_hidden, "hidden_act": "gelu",  # exact erf GELU, as nn.GELU()
+        "image_size": spec.image, "patch_size": spec.patch, "num_channels": spec.in_chans,
+        "layer_norm_eps": LN_EPS,
+        "use_mask_token": False, "use_absolute_position_embeddings": False,
+        "use_relative_position_bias": True, "use_shared_relative_position_bias": False,
+        # fine-tuned: norm = Identity, pooler = fc_norm(mean of patches); pretrained: norm on every token
+        "use_mean_pooling": spec.finetuned,
+        "layer_scale_init_value": 0.1, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "drop_path_rate": 0.0,
+    }
+    return {**config, **(_labels(spec.num_classes) if spec.finetuned else {})}
+
+
+def _check_d2v1_indices(tensors: Mapping[str, LazyTensor], spec: D2V1Spec) -> None:
+    """A stored relative_position_index must be the one rebuilt for the window (it is then dropped)."""
+    from reference.data2vec1_torch import relative_position_index
+
+    want = relative_position_index((spec.window, spec.window)).numpy()
+    for key, tensor in tensors.items():
+        if key.endswith("relative_position_index") and not np.array_equal(tensor.load(), want):
+            raise InputError(None, f"{key} differs from the index rebuilt for a "
+                                   f"{spec.window}x{spec.window} window")
+
+
+def convert_data2vec1(checkpoint: Checkpoint) -> Conversion:
+    """Map a data2vec 1.0 checkpoint onto transformers' Data2VecVision, strictly and lazily."""
+    from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification, Data2VecVisionModel
+
+    path = str(checkpoint.path)
+    tensors, dropped = drop_subtrees(checkpoint.tensors, CONTAINER_DROPS)
+    try:
+        spec = infer_d2v1(tensors)
+        _check_d2v1_indices(tensors, spec)
+    except InputError as e:
+        raise InputError(path, e.problem) from None
+    config = d2v1_config(spec)
+    model_class = Data2VecVisionForImageClassification if spec.finetuned else Data2VecVisionModel
+    expected = expected_shapes(model_class, Data2VecVisionConfig(**config))
+    mapped = apply_rules(tensors, d2v1_rules(spec), expected, path=path)
+    notes = [
+        *_half_note(tensors),
+        f"layer_norm_eps is {LN_EPS:g} as in the original; the hub's data2vec-vision configs say 1e-12, "
+        "a small real difference in every LayerNorm.",
+        ("A shared relative position table was copied into every layer." if spec.shared_rel_pos
+         else "Per-layer relative position tables."),
+        HUB_PREPROCESSOR_NOTE,
+    ]
+    if not spec.finetuned:
+        notes.append("Pretrained encoder: written as Data2VecVisionModel (load with AutoModel); "
+                     "lm_head and mask_token are pretraining-only and dropped.")
+    dropped.update(mapped.dropped)
+    return Conversion("data2vec1", spec.name, mapped.tensors, config,
+                      preprocessor_config(spec.image, INCEPTION_MEAN, INCEPTION_STD),
+                      dropped, notes + dropped_notes(dropped))
+
+
+def d2v1_source_weights(checkpoint: Checkpoint) -> dict[str, LazyTensor]:
+    """The weights entry in the ORIGINAL names, container prefix removed (index buffers kept)."""
+    tensors, _ = drop_subtrees(checkpoint.tensors, CONTAINER_DROPS)
+    prefix = _d2v1_prefix(tensors)
+    return {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+
+
+# =============================================================================
+# data2vec 2.0 (fairseq data2vec_multi + mae_image_classification)
+
+D2V2_BACKBONE, D2V2_HEAD = "model.model.", "model."  # *_ft.pt: model.<Data2VecMultiModel>, model.fc_norm/head
+IMAGE = "modality_encoders.IMAGE."
+HF_CODE = ("configuration_data2vec2.py", "modeling_data2vec2.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_data2vec2.Data2Vec2VisionConfig",
+    "AutoModel": "modeling_data2vec2.Data2Vec2VisionModel",
+    "AutoModelForImageClassification": "modeling_data2vec2.Data2Vec2VisionForImageClassification",
+}
+# Inside an AltBlock: fairseq → custom model (weight and bias each).
+D2V2_BLOCK_PAIRS = (("norm1", "attention_norm"), ("attn.qkv", "attention.qkv"),
+                    ("attn.proj", "attention.projection"), ("norm2", "mlp_norm"),
+                    ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+POSITIONS_NOTE = ("The stored sin-cos position table is written as it is (not rebuilt): fp16 training "
+                  "leaves it rounded by up to 2.4e-4, and the original model adds the stored values.")
+
+
+@dataclass(frozen=True)
+class D2V2Spec:
+    """A data2vec 2.0 `_ft.pt` variant: shapes plus what only the cfg knows (heads, eps)."""
+
+    dim: int
+    prenet_depth: int
+    depth: int            # shared `blocks`
+    heads: int
+    mlp_hidden: int
+    patch: int
+    image: int
+    in_chans: int
+    num_classes: int
+    layer_norm_first: bool
+    norm_eps: float
+
+    @property
+    def name(self) -> str:
+        arch = _arch(self.dim, self.prenet_depth + self.depth, self.heads, self.patch)
+        return f"{arch} fine-tuned ({self.num_classes} classes)"
+
+
+def is_data2vec2(checkpoint: Checkpoint) -> bool:
+    """fairseq's `modality_encoders.IMAGE.*` keys anywhere in the file."""
+    return any(k.startswith(IMAGE) or f".{IMAGE}" in k for k in checkpoint.tensors)
+
+
+def _cfg_models(meta: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(classifier cfg, backbone cfg) from fairseq's `cfg` (or a legacy flat `args`)."""
+    cfg = meta.get("cfg") if isinstance(meta.get("cfg"), dict) else {}
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    if not model and isinstance(meta.get("args"), dict):
+        model = meta["args"]
+    pretrained = model.get("pretrained_model_args")
+    backbone = pretrained.get("model") if isinstance(pretrained, dict) else None
+    return model, backbone if isinstance(backbone, dict) else model
+
+
+def _d2v2_heads(backbone: Mapping[str, Any], dim: int, notes: list[str]) -> int:
+    if isinstance(backbone.get("num_heads"), int):
+        return backbone["num_heads"]
+    if dim in D2V2_HEADS_BY_DIM:
+        notes.append(f"The file's cfg has no num_heads; {D2V2_HEADS_BY_DIM[dim]} heads taken from the "
+                     f"published variant of width {dim}.")
+        return D2V2_HEADS_BY_DIM[dim]
+    raise InputError(None, f"cfg.model has no num_heads and width {dim} is not a published variant "
+                           "(the head count cannot be read from the shapes)")
+
+
+def _check_d2v2_cfg(model: Mapping[str, Any], backbone: Mapping[str, Any], spec: D2V2Spec) -> None:
+    """The cfg must describe what the shapes say, and a mean-pooling classifier."""
+    mode = model.get("prediction_mode", "MEAN_POOLING")
+    if mode not in ("MEAN_POOLING", None):
+        raise InputError(None, f"cfg.model.prediction_mode is {mode!r}; only MEAN_POOLING converts")
+    first = backbone.get("layer_norm_first")
+    if first is not None and bool(first) != spec.layer_norm_first:
+        raise InputError(None, f"cfg says layer_norm_first={first} but the keys say {spec.layer_norm_first} "
+                               f"({IMAGE}context_encoder.norm is {'absent' if spec.layer_norm_first else 'present'})")
+    prenet = ((backbone.get("modalities") or {}).get("image") or {}).get("prenet_depth")
+    if prenet is not None and prenet != spec.prenet_depth:
+        raise InputError(None, f"cfg says prenet_depth={prenet} but the file has {spec.prenet_depth} "
+                               "context_encoder blocks")
+
+
+def infer_d2v2(tensors: Mapping[str, LazyTensor], meta: Mapping[str, Any], notes: list[str]) -> D2V2Spec:
+    """Widths, depths, grid and classes from the shapes; heads, eps and norm placement checked against cfg."""
+    b, e = D2V2_BACKBONE, D2V2_BACKBONE + IMAGE
+    if f"{D2V2_HEAD}head.weight" not in tensors and not any(k.startswith(b) for k in tensors):
+        raise InputError(None, "a data2vec 2.0 pretrained encoder (no fc_norm/head): only fine-tuned "
+                               "*_ft.pt classifiers convert")
+    conv = _shape(tensors, e + "local_encoder.proj.weight")
+    positions = _shape(tensors, e + "fixed_positional_encoder.positions")
+    model, backbone = _cfg_models(meta)
+    spec = D2V2Spec(
+        dim=conv[0], prenet_depth=_count(tensors, e + "context_encoder.blocks."),
+        depth=_count(tensors, b + "blocks."), heads=_d2v2_heads(backbone, conv[0], notes),
+        mlp_hidden=_shape(tensors, b + "blocks.0.mlp.fc1.weight")[0], patch=conv[-1],
+        image=int(round(positions[1] ** 0.5)) * conv[-1], in_chans=conv[1],
+        num_classes=_shape(tensors, f"{D2V2_HEAD}head.weight")[0],
+        layer_norm_first=e + "context_encoder.norm.weight" not in tensors,
+        norm_eps=float(model.get("norm_eps") or backbone.get("norm_eps") or LN_EPS))
+    _check_d2v2_cfg(model, backbone, spec)
+    return spec
+
+
+def d2v2_rules(spec: D2V2Spec) -> list[Rule]:
+    """fairseq `*_ft.pt` names → `Data2Vec2VisionForImageClassification` names.
+
+    Prenet blocks (`context_encoder.blocks.j`) become layers 0..P-1, spelled
+    out per j so that a missing layer is traced back to the right source key;
+    the shared `blocks.i` become layers P+i through the offset template `{i+P}`.
+    """
+    b, e, emb, p = D2V2_BACKBONE, D2V2_BACKBONE + IMAGE, "data2vec2.embeddings.", spec.prenet_depth
+    blocks = [*[(f"{e}context_encoder.blocks.{j}.", f"data2vec2.encoder.layer.{j}.") for j in range(p)],
+              (b + "blocks.{i}.", f"data2vec2.encoder.layer.{{i+{p}}}.")]
+    return [
+        Rename(e + "extra_tokens", emb + "cls_token"),
+        Rename(e + "fixed_positional_encoder.positions", emb + "position_embeddings"),
+        *_pair(e + "local_encoder.proj", emb + "patch_embeddings.projection"),
+        *_pair(e + "context_encoder.norm", emb + "layernorm"),
+        *[r for src, dst in blocks for old, new in D2V2_BLOCK_PAIRS for r in _pair(src + old, dst + new)],
+        *_pair(b + "norm", "data2vec2.layernorm"),
+        *_pair(D2V2_HEAD + "fc_norm", "data2vec2.pooler.layernorm"),
+        *_pair(D2V2_HEAD + "head", "classifier"),
+    ]
+
+
+# Pretraining leftovers inside the weights (absent from the released _ft files; dropped if present).
+D2V2_SUBTREE_DROPS = ((D2V2_BACKBONE + "_ema.", "EMA teacher of pretraining"),
+                      (D2V2_BACKBONE + IMAGE + "decoder.", "pretraining decoder"))
+
+
+def d2v2_config(spec: D2V2Spec) -> dict:
+    """The custom `Data2Vec2VisionConfig`, with `auto_map` so transformers finds the shipped code."""
+    config = {
+        "model_type": "data2vec2-vision", "architectures": ["Data2Vec2VisionForImageClassification"],
+        "auto_map": AUTO_MAP,
+        "hidden_size": spec.dim, "num_hidden_layers": spec.prenet_depth + spec.depth,
+        "num_prenet_layers": spec.prenet_depth, "num_attention_heads": spec.heads,
+        "intermediate_size": spec.mlp_hidden, "image_size": spec.image, "patch_size": spec.patch,
+        "num_channels": spec.in_chans, "layer_norm_first": spec.layer_norm_first,
+        "layer_norm_eps": spec.norm_eps, "pooler_layer_norm_eps": LN_EPS,  # fc_norm: hard-coded 1e-6
+        "hidden_act": "gelu",
+    }
+    return {**config, **_labels(spec.num_classes)}
+
+
+def hf_code_files() -> dict[str, bytes]:
+    """The custom model's code, shipped next to config.json (name → bytes)."""
+    import reference.data2vec2_hf as package
+
+    folder = Path(package.__file__).resolve().parent
+    return {name: (folder / name).read_bytes() for name in HF_CODE}
+
+
+def _check_positions(tensors: Mapping[str, LazyTensor], spec: D2V2Spec) -> None:
+    """The stored table must be the 2-D sin-cos table of the grid (up to fp16 rounding)."""
+    from reference.data2vec2_torch import POSITIONS_ATOL, sincos_positions
+
+    key = D2V2_BACKBONE + IMAGE + "fixed_positional_encoder.positions"
+    want = sincos_positions(spec.dim, spec.image // spec.patch).numpy()
+    got = tensors[key].load().astype(np.float32)
+    if got.shape != want.shape or np.abs(got - want).max() > POSITIONS_ATOL:
+        raise InputError(None, f"{key} is not the 2-D sin-cos table of a "
+                               f"{spec.image // spec.patch}x{spec.image // spec.patch} grid")
+
+
+def convert_data2vec2(checkpoint: Checkpoint) -> Conversion:
+    """Map a data2vec 2.0 `*_ft.pt` onto our custom transformers model, strictly and lazily."""
+    from reference.data2vec2_hf import Data2Vec2VisionConfig, Data2Vec2VisionForImageClassification
+
+    path = str(checkpoint.path)
+    tensors, dropped = drop_subtrees(checkpoint.tensors, CONTAINER_DROPS + D2V2_SUBTREE_DROPS)
+    notes = _half_note(tensors)
+    try:
+        spec = infer_d2v2(tensors, checkpoint.meta, notes)
+        _check_positions(tensors, spec)
+    except InputError as e:
+        raise InputError(path, e.problem) from None
+    config = d2v2_config(spec)
+    expected = expected_shapes(Data2Vec2VisionForImageClassification, Data2Vec2VisionConfig(**config))
+    mapped = apply_rules(tensors, d2v2_rules(spec), expected, path=path)
+    notes += [POSITIONS_NOTE,
+              "transformers has no data2vec 2.0 class: the folder ships configuration_data2vec2.py and "
+              "modeling_data2vec2.py; load with trust_remote_code=True.",
+              "preprocessor_config.json holds the original eval pipeline (shorter side 256 bicubic, "
+              "centre crop 224, ImageNet mean/std)."]
+    dropped.update(mapped.dropped)
+    return Conversion("data2vec2", spec.name, mapped.tensors, config,
+                      preprocessor_config(spec.image, IMAGENET_MEAN, IMAGENET_STD),
+                      dropped, notes + dropped_notes(dropped), hf_code_files())
+
+
+def d2v2_source_weights(checkpoint: Checkpoint) -> dict[str, LazyTensor]:
+    """The classifier's weights in fairseq names with `model.` stripped once (`model.blocks.0…`,
+    `fc_norm.weight`), pretraining leftovers removed — what `reference.data2vec2_torch` reads
+    after its own `strip_model_prefix`."""
+    tensors, _ = drop_subtrees(checkpoint.tensors, CONTAINER_DROPS + D2V2_SUBTREE_DROPS)
+    return {k[len(D2V2_HEAD):]: t for k, t in tensors.items() if k.startswith(D2V2_HEAD)}

@@ -1,0 +1,266 @@
+"""Conversion cost against `cp` of the same file (`make bench`).
+
+Generates, once, into a cache folder: the original-layout BiT-M-R101x3 `.npz`
+(21843 classes, 2.06 GB of float32) and, when a data2vec converter is
+registered, a data2vec-vision large fine-tuned checkpoint. For each it measures,
+in the same run and three times each (the median is kept):
+
+- `cp SRC DST` and `cp SRC DST && sync` (the converter fsyncs what it writes);
+- `parityport convert SRC --out DIR --no-parity` in a subprocess, wall time and
+  peak RSS (from /usr/bin/time), and the same command on a tiny BiT file, whose peak
+  RSS and wall time are the fixed cost of the interpreter and its imports
+  (torch, transformers) that every conversion pays whatever the file size.
+
+The page cache is dropped before every timed command when the process may
+write /proc/sys/vm/drop_caches (cold: both sides read from disk); with `--warm`
+or without that right the source is read once beforehand (warm: both sides read
+from memory); the report says which. Parity is timed separately on BiT-M-R50x1. Results go to
+benchmarks/convert.json and benchmarks/convert.md, naming the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CACHE = Path("/tmp/parityport-bench")
+REPEATS = 3
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def bit_file(cache: Path, name: str, depth: int, width: int, classes: int, **tiny: Any) -> Path:
+    """An original-layout BiT `.npz`, generated once."""
+    from checkpoints.synthetic import DEPTHS, bit_arrays, write_bit_npz
+
+    path = cache / f"{name}.npz"
+    if not path.is_file():
+        arrays = bit_arrays(tiny.pop("depths", DEPTHS.get(depth)), width, classes, **tiny)
+        write_bit_npz(path.with_suffix(".tmp"), arrays)
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def data2vec_file(cache: Path) -> tuple[Path | None, str]:
+    """A data2vec-vision large fine-tuned DeepSpeed checkpoint, or None and why not."""
+    from converters.registry import CONVERTERS
+
+    if not any(name.startswith("data2vec") for name in CONVERTERS):
+        return None, "data2vec: skipped, no data2vec converter is registered in converters/registry.py"
+    try:
+        from types import SimpleNamespace
+
+        from checkpoints.synthetic_data2vec import d2v1_state_dict, write_d2v1_deepspeed
+    except ImportError as e:
+        return None, f"data2vec: skipped, the synthetic data2vec writers are not available ({e})"
+    path = cache / "data2vec-vision-large-ft1k.pt"
+    if not path.is_file():
+        large = SimpleNamespace(dim=1024, depth=24, heads=16, mlp_hidden=4096, patch=16, image=224,
+                                in_chans=3, num_classes=1000)
+        written = write_d2v1_deepspeed(path.with_suffix(".tmp"), d2v1_state_dict(large, 0, False, True))
+        os.replace(written, path)
+    return path, ""
+
+
+# ---- measurement -------------------------------------------------------------------------------
+
+def drop_caches() -> bool:
+    """Flush dirty pages and drop the page cache; False when not permitted."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def prepare(src: Path, cold: bool) -> None:
+    if cold:
+        drop_caches()
+    else:
+        os.sync()
+        with open(src, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def timed(argv: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command.
+
+    The command runs under /usr/bin/time: Linux seeds a child's ru_maxrss at exec
+    with the high-water mark of the process it forked from, so measured directly
+    from here it would report this process's own size (the generated arrays).
+    """
+    stats = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-convert-{os.getpid()}.rss"
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(stats), *argv], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, env=dict(os.environ, TQDM_DISABLE="1"))
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.decode()[-2000:]}")
+    rss = int(stats.read_text().split()[-1]) * 1024
+    stats.unlink()
+    return seconds, rss
+
+
+def convert_argv(src: Path, out: Path, parity: bool = False) -> list[str]:
+    return [sys.executable, "-m", "parityport.cli", "convert", str(src), "--out", str(out),
+            *([] if parity else ["--no-parity"])]
+
+
+def measure(src: Path, scratch: Path, cold: bool, baseline: dict[str, float]) -> dict[str, Any]:
+    """Median of REPEATS runs of cp, cp+sync and convert --no-parity on `src`."""
+    runs: dict[str, list[float]] = {"cp": [], "cp_sync": [], "convert": [], "rss": []}
+    copy, out = scratch / "copy", scratch / "out"
+    for _ in range(REPEATS):
+        for key, argv in (("cp", ["cp", str(src), str(copy)]),
+                          ("cp_sync", ["sh", "-c", f"cp '{src}' '{copy}' && sync"])):
+            prepare(src, cold)
+            runs[key].append(timed(argv)[0])
+            copy.unlink()
+        prepare(src, cold)
+        seconds, rss = timed(convert_argv(src, out))
+        runs["convert"].append(seconds)
+        runs["rss"].append(rss)
+        shutil.rmtree(out)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    size = src.stat().st_size
+    above = med["rss"] - baseline["rss"]
+    return {
+        "file": src.name, "bytes": size, "runs": runs,
+        "cp_s": med["cp"], "cp_sync_s": med["cp_sync"], "convert_s": med["convert"],
+        "ratio_vs_cp": med["convert"] / med["cp"], "ratio_vs_cp_sync": med["convert"] / med["cp_sync"],
+        "convert_minus_fixed_s": med["convert"] - baseline["seconds"],
+        "ratio_minus_fixed_vs_cp_sync": (med["convert"] - baseline["seconds"]) / med["cp_sync"],
+        "peak_rss_bytes": med["rss"], "peak_rss_over_file": med["rss"] / size,
+        "peak_rss_above_baseline_bytes": above, "peak_rss_above_baseline_over_file": above / size,
+    }
+
+
+def fixed_cost(tiny: Path, scratch: Path, cold: bool) -> dict[str, float]:
+    """Wall time and peak RSS of converting a tiny file: interpreter + imports + bookkeeping."""
+    seconds, rss = [], []
+    for _ in range(REPEATS):
+        prepare(tiny, cold)
+        s, r = timed(convert_argv(tiny, scratch / "tiny-out"))
+        seconds.append(s)
+        rss.append(r)
+        shutil.rmtree(scratch / "tiny-out")
+    return {"seconds": statistics.median(seconds), "rss": statistics.median(rss)}
+
+
+def parity_cost(src: Path, scratch: Path) -> dict[str, Any]:
+    """Seconds of convert with parity minus without, on the same file (warm cache)."""
+    prepare(src, False)
+    without, _ = timed(convert_argv(src, scratch / "p0"))
+    prepare(src, False)
+    with_parity, rss = timed(convert_argv(src, scratch / "p1", parity=True))
+    shutil.rmtree(scratch / "p0")
+    shutil.rmtree(scratch / "p1")
+    return {"file": src.name, "bytes": src.stat().st_size, "convert_s": without,
+            "convert_with_parity_s": with_parity, "parity_s": with_parity - without,
+            "peak_rss_with_parity_bytes": rss}
+
+
+# ---- machine and report ------------------------------------------------------------------------
+
+def machine(folder: Path) -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.startswith("model name")), platform.processor())
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+    ram = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines()
+                if line.startswith("MemTotal")), 0)
+    df = subprocess.run(["df", "-PT", str(folder)], capture_output=True, text=True).stdout.splitlines()
+    device, fstype = (df[-1].split()[:2] if len(df) > 1 else ("?", "?"))
+    block = Path(device).name.rstrip("0123456789")
+    rotational = Path(f"/sys/block/{block}/queue/rotational")
+    kind = {"0": "SSD/virtual (non-rotational)", "1": "rotational"}.get(
+        rotational.read_text().strip() if rotational.exists() else "", "unknown")
+    return {"cpu": model, "cores": os.cpu_count(), "ram_bytes": ram,
+            "disk": f"{device} ({fstype}, {kind})", "python": platform.python_version(),
+            "os": platform.platform()}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# Conversion cost", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {_gb(m['ram_bytes'])} RAM, disk {m['disk']}; "
+        f"Python {m['python']}. Page cache: **{result['cache']}**. Median of {REPEATS} runs; "
+        "`make bench` regenerates this file.", "",
+        f"Fixed cost of any conversion (a tiny BiT file: interpreter, torch, transformers): "
+        f"{result['fixed']['seconds']:.2f} s, peak RSS {_gb(result['fixed']['rss'])}.", "",
+        "| file | size | cp | cp+sync | convert --no-parity | ÷ cp | ÷ cp+sync | "
+        "(convert − fixed) ÷ cp+sync | peak RSS | ÷ size | above fixed ÷ size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["files"]:
+        lines.append(f"| {r['file']} | {_gb(r['bytes'])} | {r['cp_s']:.2f} s | {r['cp_sync_s']:.2f} s | "
+                     f"{r['convert_s']:.2f} s | {r['ratio_vs_cp']:.2f}× | {r['ratio_vs_cp_sync']:.2f}× | "
+                     f"{r['ratio_minus_fixed_vs_cp_sync']:.2f}× | {_gb(r['peak_rss_bytes'])} | "
+                     f"{r['peak_rss_over_file']:.2f}× | {r['peak_rss_above_baseline_over_file']:.2f}× |")
+    lines += [""] + [f"- {note}" for note in result["notes"]]
+    p = result["parity"]
+    lines += ["", f"Parity (separately, {p['file']}, {_gb(p['bytes'])}): convert {p['convert_s']:.1f} s, "
+                  f"with parity {p['convert_with_parity_s']:.1f} s, so parity costs {p['parity_s']:.1f} s "
+                  f"(peak RSS with parity {_gb(p['peak_rss_with_parity_bytes'])}).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parity.bench_convert", description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the big inputs are generated")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--keep", action="store_true", help="keep the generated inputs")
+    parser.add_argument("--warm", action="store_true", help="do not drop the page cache (shared machines)")
+    args = parser.parse_args(argv)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    scratch = args.cache / "scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    print("generating inputs (once) ...", file=sys.stderr, flush=True)
+    tiny = bit_file(args.cache, "tiny", 0, 1, 10, depths=(1, 1, 1, 1), root_width=32)
+    big = [bit_file(args.cache, "BiT-M-R101x3", 101, 3, 21843)]
+    d2v, skipped = data2vec_file(args.cache)
+    notes = [skipped] if skipped else []
+    big += [d2v] if d2v else []
+    cold = not args.warm and drop_caches()
+    notes.append("cold: the page cache was dropped before every timed command (torch and transformers "
+                 "are then read from disk too, which the fixed cost shows)" if cold else
+                 "warm: the page cache was kept (--warm, or /proc/sys/vm/drop_caches is not writable); "
+                 "sources were read once before every timed command, so both sides read from memory")
+    fixed = fixed_cost(tiny, scratch, cold)
+    files = []
+    for src in big:
+        print(f"measuring {src.name} ...", file=sys.stderr, flush=True)
+        files.append(measure(src, scratch, cold, fixed))
+    print("parity cost ...", file=sys.stderr, flush=True)
+    parity = parity_cost(bit_file(args.cache, "BiT-M-R50x1", 50, 1, 1000), scratch)
+    result = {"machine": machine(args.cache), "cache": "cold" if cold else "warm", "repeats": REPEATS,
+              "fixed": fixed, "files": files, "parity": parity, "notes": notes}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "convert.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "convert.md").write_text(markdown(result))
+    print(markdown(result))
+    shutil.rmtree(scratch, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(args.cache, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Reliability of `parityport convert`: atomic folders under kill -9, no-op re-runs,
+refused destinations, non-finite weights and colliding names, all through the command."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from checkpoints.synthetic import DEPTHS, bit_arrays, write_bit_npz
+from converters.errors import InputError
+from converters.export import check_destination, safe_file_name
+from converters.tensors import LazyTensor
+from converters.writer import check_sha256sums, write_safetensors
+from parityport.cli import main
+
+TINY = dict(depths=(2, 1, 1, 1), root_width=32, num_classes=10)
+CLI = [sys.executable, "-m", "parityport.cli"]
+ENV = dict(os.environ, TQDM_DISABLE="1")
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("src") / "tiny.npz"
+    write_bit_npz(path, bit_arrays(**TINY, seed=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def r50_npz(tmp_path_factory) -> Path:
+    """A full-size BiT-M-R50x1 layout (~100 MB), big enough that writing takes a while."""
+    path = tmp_path_factory.mktemp("r50") / "BiT-M-R50x1.npz"
+    write_bit_npz(path, bit_arrays(DEPTHS[50], 1, 1000, seed=3))
+    return path
+
+
+def verifies(folder: Path, with_parity: bool) -> bool:
+    """A complete conversion: every checksum matches, the weights open, parity passed if it ran."""
+    if check_sha256sums(folder):
+        return False
+    with safe_open(folder / "model.safetensors", framework="numpy") as f:
+        if not f.metadata().get("source_sha256"):
+            return False
+    if with_parity:
+        report = folder / "parity.json"
+        return report.is_file() and json.loads(report.read_text()).get("passed") is True
+    return True
+
+
+def leftovers(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}."))
+
+
+# ---------------------------------------------------------------------------
+# kill -9 at random moments
+
+def _convert(src: Path, dest: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, "convert", str(src), "--out", str(dest), "--no-parity", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+
+
+def _wait_for_staging(proc: subprocess.Popen, dest: Path, limit: float = 120.0) -> float:
+    """Seconds until the staging folder appears (the start of writing), or the process ends."""
+    start = time.monotonic()
+    while proc.poll() is None and not any(dest.parent.glob(f".{dest.name}.partial-*")):
+        if time.monotonic() - start > limit:
+            raise TimeoutError("no staging folder appeared")
+        time.sleep(0.002)
+    return time.monotonic() - start
+
+
+def _kill_at_random_moments(src: Path, dest: Path, kills: int, seed: int) -> list[str]:
+    """Kill conversions at seeded random moments of their writing phase; check the destination
+    after each. Even kills start with no folder; odd ones run with --force over whatever the
+    previous kill left (a complete folder, which must then survive whole, or none)."""
+    first = _convert(src, dest)
+    _wait_for_staging(first, dest)
+    t0 = time.monotonic()
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()
+    writing = time.monotonic() - t0  # staging appeared → committed
+    assert verifies(dest, with_parity=False)
+    rng = np.random.default_rng(seed)
+    outcomes = []
+    for i in range(kills):
+        replacing = i % 2 == 1
+        if not replacing:
+            subprocess.run(["rm", "-rf", str(dest)], check=True)
+        had = dest.exists()
+        proc = _convert(src, dest, *(["--force"] if replacing else []))
+        _wait_for_staging(proc, dest)
+        time.sleep(rng.uniform(0.0, 1.2 * writing))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed = proc.returncode == -signal.SIGKILL
+        if dest.exists():
+            assert verifies(dest, with_parity=False), f"kill {i}: {dest} exists but does not verify"
+        else:
+            assert not had, f"kill {i}: the previous complete folder vanished"
+        outcomes.append(("killed" if killed else "finished") + (" replacing" if had else " creating")
+                        + (", complete" if dest.exists() else ", absent"))
+    rerun = _convert(src, dest, "--force")
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read().decode()
+    assert verifies(dest, with_parity=False) and leftovers(dest) == []
+    return outcomes
+
+
+def test_kill_9_never_leaves_an_unverified_folder(r50_npz, tmp_path):
+    outcomes = _kill_at_random_moments(r50_npz, tmp_path / "out", kills=5, seed=0)
+    assert any(o.startswith("killed") for o in outcomes), outcomes
+
+
+@pytest.mark.slow
+def test_kill_9_at_twenty_moments(r50_npz, tmp_path):
+    outcomes = _kill_at_random_moments(r50_npz, tmp_path / "out", kills=20, seed=1)
+    print("\n".join(outcomes))
+    assert sum(o.startswith("killed") for o in outcomes) >= 10, outcomes
+
+
+# ---------------------------------------------------------------------------
+# Re-runs, destinations
+
+def test_rerun_is_a_no_op_unless_forced(tiny_npz, tmp_path, capsys):
+    dest = tmp_path / "out"
+    assert main(["convert", str(tiny_npz), "--out", str(dest)]) == 0
+    model = dest / "model.safetensors"
+    before = (model.stat().st_ino, model.stat().st_mtime_ns)
+    capsys.readouterr()
+    assert main(["convert", str(tiny_npz), "--out", str(dest)]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert (model.stat().st_ino, model.stat().st_mtime_ns) == before
+    assert main(["convert", str(tiny_npz), "--out", str(dest), "--force"]) == 0
+    assert (model.stat().st_ino, model.stat().st_mtime_ns) != before
+    assert verifies(dest, with_parity=True) and leftovers(dest) == []
+
+
+def test_a_different_source_is_not_a_no_op(tiny_npz, tmp_path, capsys):
+    dest = tmp_path / "out"
+    assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 0
+    other = tmp_path / "other.npz"
+    write_bit_npz(other, bit_arrays(**TINY, seed=2))
+    capsys.readouterr()
+    assert main(["convert", str(other), "--out", str(dest)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+
+
+def test_leftovers_of_a_killed_run_are_swept(tiny_npz, tmp_path):
+    dest = tmp_path / "out"
+    for stale in (f".{dest.name}.partial-abc", f".{dest.name}.old-def"):
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "model.safetensors").write_bytes(b"half")
+    assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 0
+    assert leftovers(dest) == []
+
+
+@pytest.mark.parametrize("where", ["input", "input folder", "above input folder", "under input"])
+def test_output_may_not_be_or_hold_the_input(tiny_npz, tmp_path, where, capsys):
+    dest = {"input": tiny_npz, "input folder": tiny_npz.parent, "above input folder": tiny_npz.parent.parent,
+            "under input": tiny_npz / "out"}[where]
+    assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(dest) in err[0]
+    assert sorted(p.name for p in tiny_npz.parent.iterdir()) == ["tiny.npz"]
+
+
+@pytest.mark.parametrize("target", ["input", "input folder", "elsewhere", "nowhere"])
+def test_output_may_not_be_a_symlink(tiny_npz, tmp_path, target, capsys):
+    aims = {"input": tiny_npz, "input folder": tiny_npz.parent,
+            "elsewhere": tmp_path / "real", "nowhere": tmp_path / "missing"}[target]
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(aims)
+    assert main(["convert", str(tiny_npz), "--out", str(link), "--no-parity", "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "symbolic link" in err[0]
+    assert link.is_symlink() and os.readlink(link) == str(aims)
+    assert list((tmp_path / "real").iterdir()) == []
+    with pytest.raises(InputError):
+        check_destination(tiny_npz, link)
+
+
+# ---------------------------------------------------------------------------
+# Non-finite weights, colliding and tricky names
+
+@pytest.fixture(scope="module")
+def nan_npz(tmp_path_factory) -> Path:
+    arrays = bit_arrays(**TINY, seed=1)
+    arrays["resnet/block2/unit01/b/standardized_conv2d/kernel"][0, 0, 0, :3] = np.nan
+    arrays["resnet/block2/unit01/b/standardized_conv2d/kernel"][1, 1, 1, 0] = np.inf
+    path = tmp_path_factory.mktemp("nan") / "nan.npz"
+    write_bit_npz(path, arrays)
+    return path
+
+
+def test_nonfinite_weights_refused_by_name(nan_npz, tmp_path, capsys):
+    dest = tmp_path / "out"
+    assert main(["convert", str(nan_npz), "--out", str(dest)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1
+    assert str(nan_npz) in errors[0] and "bit.encoder.stages.1.layers.0.conv2.weight" in errors[0]
+    assert "4 non-finite" in errors[0] and "--allow-nonfinite" in errors[0]
+    assert not dest.exists() and leftovers(dest) == []
+
+
+def test_allow_nonfinite_converts_and_parity_matches_nan_positions(nan_npz, tmp_path, capsys):
+    dest = tmp_path / "out"
+    assert main(["convert", str(nan_npz), "--out", str(dest), "--allow-nonfinite"]) == 0
+    assert "NaN/Inf from the source weights reach" in capsys.readouterr().err
+    with safe_open(dest / "model.safetensors", framework="numpy") as f:
+        kernel = f.get_tensor("bit.encoder.stages.1.layers.0.conv2.weight")
+    assert np.isnan(kernel).sum() == 3 and np.isinf(kernel).sum() == 1
+    report = json.loads((dest / "parity.json").read_text())
+    taps = {t["tap"]: t for t in report["runs"][0]["taps"]}
+    assert report["passed"] and taps["stem"]["nonfinite"] == 0 and taps["logits"]["nonfinite"] > 0
+    assert verifies(dest, with_parity=True)
+
+
+def test_nan_at_different_positions_fails_parity():
+    from parity.compare import Tolerance, compare_tap
+
+    ref = np.array([1.0, np.nan, 3.0])
+    assert compare_tap("t", ref, np.array([1.0, np.nan, 3.0]), Tolerance(0, 0)).passed
+    assert not compare_tap("t", ref, np.array([np.nan, 2.0, 3.0]), Tolerance(0, 0)).passed
+    assert not compare_tap("t", ref, np.array([1.0, np.inf, 3.0]), Tolerance(0, 0)).passed
+    assert not compare_tap("t", np.array([1.0, 2.0]), np.array([1.0, np.nan]), Tolerance(1, 1)).passed
+
+
+def test_two_source_keys_for_one_target_refused(tmp_path, capsys):
+    arrays = bit_arrays(**TINY, seed=1)
+    kernel = "resnet/block1/unit01/a/standardized_conv2d/kernel"
+    arrays[kernel.replace("standardized_conv2d", "standardized_conv2d_7")] = arrays[kernel]
+    src = tmp_path / "collide.npz"
+    write_bit_npz(src, arrays)
+    dest = tmp_path / "out"
+    assert main(["convert", str(src), "--out", str(dest)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and str(src) in errors[0] and kernel in errors[0]
+    assert not dest.exists() and leftovers(dest) == []
+
+
+@pytest.mark.parametrize("name", ["../escape.json", "/etc/passwd", "a/b.json", "..\\x.json",
+                                  "C:evil.json", "", "..", "nul\x00.json"])
+def test_output_file_names_with_path_tricks_refused(name):
+    with pytest.raises(InputError, match="path trick"):
+        safe_file_name(name)
+
+
+@pytest.mark.parametrize("name", ["__metadata__", ""])
+def test_tensor_names_that_break_the_header_refused(tmp_path, name):
+    with pytest.raises(InputError, match="tensor name"):
+        write_safetensors(tmp_path / "m.safetensors", {name: LazyTensor.of(np.ones(2, np.float32))})
+
+
+def test_transposed_tensors_are_written_without_a_full_copy(tmp_path):
+    """A strided (transposed) tensor is written a block at a time and still reads back exact."""
+    from converters import writer
+
+    base = np.arange(6 * 5 * 4 * 3, dtype=np.float32).reshape(6, 5, 4, 3)
+    view = np.transpose(base, (3, 2, 0, 1))
+    old = writer._CHUNK
+    writer._CHUNK = 64  # several blocks per tensor
+    try:
+        write_safetensors(tmp_path / "m.safetensors", {"w": LazyTensor(view.shape, view.dtype, lambda: view)})
+    finally:
+        writer._CHUNK = old
+    with safe_open(tmp_path / "m.safetensors", framework="numpy") as f:
+        np.testing.assert_array_equal(f.get_tensor("w"), view)
