@@ -12,11 +12,13 @@ from converters.errors import InputError
 
 CATALOG = load_catalog()
 ENTRIES = list(CATALOG.values())
+OFFICIAL = [e for e in ENTRIES if e.kind == "official"]
+FIXTURES = [e for e in ENTRIES if e.kind == "fixture"]
 ARCHS = ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
 TIMM_TOP1 = {"R50x1": 80.386, "R101x1": 82.332, "R50x3": 83.982, "R101x3": 84.430, "R152x2": 84.468, "R152x4": 84.936}
 
 
-@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
+@pytest.mark.parametrize("entry", OFFICIAL, ids=lambda e: e.name)
 def test_every_entry_is_well_formed(entry: Entry) -> None:
     assert entry.kind == "official" and entry.family in FAMILIES and entry.format in FORMATS
     assert entry.url.startswith("https://") and entry.url.endswith("." + entry.format)
@@ -42,12 +44,12 @@ def test_every_official_bit_npz_is_listed() -> None:
     expected |= {f"BiT-M-{a}-ILSVRC2012.npz" for a in ARCHS} | {"BiT-M-R50x1-CIFAR10.npz"}
     expected |= {f"distill/{f}.npz" for f in ("R50x1_224", "R50x1_160", "R152x2_T_224", "R152x2_T_384")}
     prefix = "https://storage.googleapis.com/bit_models/"
-    listed = {e.url.removeprefix(prefix) for e in ENTRIES if e.family == "bit" and e.format == "npz"}
+    listed = {e.url.removeprefix(prefix) for e in OFFICIAL if e.family == "bit" and e.format == "npz"}
     assert listed == expected
 
 
 def test_bit_h5_files_and_the_broken_ones() -> None:
-    h5 = {e.name: e for e in ENTRIES if e.format == "h5"}
+    h5 = {e.name: e for e in OFFICIAL if e.format == "h5"}
     assert set(h5) == {f"BiT-{u}-{a}.h5" for u in "SM" for a in ARCHS if a != "R152x2"}
     assert {n for n, e in h5.items() if e.broken} == {"BiT-S-R50x3.h5", "BiT-S-R101x1.h5"}
     assert "big_transfer#47" in h5["BiT-S-R50x3.h5"].broken
@@ -67,7 +69,7 @@ def test_bit_known_facts() -> None:
         assert entry.top1 == top1 and entry.eval["timm"].crop_size == (480 if arch == "R152x4" else 448)
     assert [p.top1 for p in lookup("BiT-M-R152x4-ILSVRC2012").published] == [84.936, 85.39]
     assert lookup("BiT-M-R152x2-teacher-384").size == 945_485_848
-    assert [e.name for e in ENTRIES if e.size is not None] == ["BiT-M-R152x2-teacher-384"]
+    assert [e.name for e in OFFICIAL if e.size is not None] == ["BiT-M-R152x2-teacher-384"]
 
 
 def test_data2vec_known_facts() -> None:
@@ -81,8 +83,18 @@ def test_data2vec_known_facts() -> None:
     assert large2.url == "https://dl.fbaipublicfiles.com/fairseq/data2vec2/large_imagenet_ft.pt"
     assert large2.top1 == 86.8 and large2.eval["original"].mean == (0.485, 0.456, 0.406)
     assert large2.license.original == "CC-BY-NC" and large2.license.hub_card is None
-    families = [e.family for e in ENTRIES]
+    families = [e.family for e in OFFICIAL]
     assert families.count("data2vec1") == 5 and families.count("data2vec2") == 6
+
+
+@pytest.mark.parametrize("entry", FIXTURES, ids=lambda e: e.name)
+def test_trained_fixtures_carry_their_measured_figure(entry: Entry) -> None:
+    assert entry.url is None and entry.family in ("bit", "data2vec1")
+    assert 50 < entry.top1 < 100 and "checkpoints/fixtures/train_" in entry.top1_source
+
+
+def test_both_trained_fixtures_are_listed() -> None:
+    assert sorted(e.family for e in FIXTURES) == ["bit", "data2vec1"]
 
 
 def test_lookup_accepts_case_and_file_names() -> None:

@@ -70,7 +70,7 @@ def last_line(text: str) -> str:
 
 # ---- the card ----------------------------------------------------------------------------------
 
-def test_card_parses_with_huggingface_hub(folder):
+def test_card_parses_with_huggingface_hub(folder, npz):
     from huggingface_hub import ModelCard
 
     text = (folder / "README.md").read_text()
@@ -80,7 +80,7 @@ def test_card_parses_with_huggingface_hub(folder):
         assert data["tags"] == ["parityport", "bit", "image-classification"]
         assert data["license"] == "apache-2.0"
         assert "model-index" not in data  # no eval attached yet
-    meta_sha = hashlib.sha256(next(folder.parent.parent.glob("src*/*.npz")).read_bytes()).hexdigest()
+    meta_sha = hashlib.sha256(npz.read_bytes()).hexdigest()
     assert f"`{CATALOG_NAME}.npz` (npz)" in text and meta_sha in text
     assert "parityport convert " in text and "parityport 0." in text
     assert "| transformers BitForImageClassification | target | photo 224x224 | float32 |" in text

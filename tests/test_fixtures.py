@@ -1,0 +1,172 @@
+"""Trained fixtures stand in for the published checkpoints: source framework → original file → eval.
+
+Each fixture is trained by its own command line (a fresh process, so the
+deterministic XLA / torch settings hold) on the seeded JPEG set. Its source
+framework's own held-out top-1 must equal the catalog's "published" figure,
+and `parityport convert` + `parityport eval --protocol original` must give
+exactly that top-1, image by image.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints.catalog import lookup
+from checkpoints.fixtures.common import prepare_eval_folder
+from checkpoints.fixtures.dataset import (CLASSES, JPEG_QUALITY, SPLITS, TRAIN_PER_CLASS, VAL_PER_CLASS, draw,
+                                          generate)
+from parityport.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# family: (trainer module, catalog name)
+FIXTURES = {
+    "bit": ("checkpoints.fixtures.train_bit", "fixture-BiT-R14x0.5-shapes10"),
+    "data2vec1": ("checkpoints.fixtures.train_data2vec", "fixture-data2vec-vision-tiny-shapes10"),
+}
+# module scope groups the tests by family: data2vec's run while BiT is still training
+BY_FAMILY = pytest.mark.parametrize("family", ["data2vec1", "bit"], scope="module")
+MIN_GPU_AGREEMENT = 99.5  # percent of images with the same top-1 on the fast and the faithful path
+
+
+def _needs_converter(family: str) -> None:
+    if family == "data2vec1":
+        pytest.importorskip("converters.data2vec", reason="the data2vec converter is not there yet")
+    from converters.registry import CONVERTERS
+
+    if family not in CONVERTERS:
+        pytest.skip(f"no converter registered for {family}")
+
+
+# ---- fixtures: both trainers run at once, each result is awaited where it is needed ---------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fixtures")
+    generate(root / "data")  # once, before the trainers share it
+    return root
+
+
+@pytest.fixture(scope="module")
+def trainers(workdir: Path) -> dict[str, subprocess.Popen]:
+    """`python -m <trainer> --out DIR --data DIR/data` for every fixture, started together."""
+    return {family: subprocess.Popen([sys.executable, "-m", module, "--out", str(workdir), "--data",
+                                      str(workdir / "data")], cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+            for family, (module, _) in FIXTURES.items()}
+
+
+@pytest.fixture(scope="module")
+def records(workdir: Path, trainers: dict[str, subprocess.Popen]):
+    """The trainer's JSON record of a family (waiting for its process on first use)."""
+    done: dict[str, dict] = {}
+
+    def record(family: str) -> dict:
+        if family not in done:
+            output, _ = trainers[family].communicate(timeout=600)
+            assert trainers[family].returncode == 0, f"{FIXTURES[family][0]} failed:\n{output}"
+            done[family] = json.loads((workdir / f"{FIXTURES[family][1]}.json").read_text())
+        return done[family]
+
+    return record
+
+
+@pytest.fixture(scope="module")
+def converted(workdir: Path, records):
+    """The converted, eval-ready folder of a family (`parityport convert` with its parity check)."""
+    done: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in done:
+            record, out = records(family), workdir / f"converted-{family}"
+            assert main(["convert", record["checkpoint"], "--out", str(out)]) == 0
+            done[family] = prepare_eval_folder(out, record["image_size"], record["classes"])
+        return done[family]
+
+    return folder
+
+
+def _eval(folder: Path, record: dict, expect: float, json_path: Path | None = None) -> int:
+    args = ["eval", "--model", str(folder), "--data", record["val"], "--protocol", "original",
+            "--expect", str(expect), "--tolerance", "0.1", "--device", "cpu", "--workers", "0"]
+    return main(args + (["--json", str(json_path)] if json_path else []))
+
+
+# ---- tests --------------------------------------------------------------------------------------------
+
+
+def test_data_set_is_deterministic(workdir: Path) -> None:
+    import io
+
+    data = workdir / "data"
+    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        assert [len(list((data / split / c).iterdir())) for c in CLASSES] == [count] * len(CLASSES)
+    for s, c, k in ((0, 0, 0), (1, 4, 7), (1, 9, VAL_PER_CLASS - 1)):
+        buffer = io.BytesIO()
+        draw(CLASSES[c], np.random.default_rng([0, s, c, k])).save(buffer, "JPEG", quality=JPEG_QUALITY)
+        assert (data / SPLITS[s] / CLASSES[c] / f"{CLASSES[c]}_{k:03d}.jpg").read_bytes() == buffer.getvalue()
+
+
+@BY_FAMILY
+def test_source_top1_is_the_published_figure(family: str, records) -> None:
+    record, entry = records(family), lookup(FIXTURES[family][1])
+    assert entry.kind == "fixture" and entry.family == family and entry.published[0].protocol == "original"
+    assert entry.published[0].image_size == record["image_size"]
+    assert abs(record["top1"] - entry.top1) <= 0.1, (
+        f"{entry.name}: source top-1 {record['top1']:.3f} != published {entry.top1} (training not deterministic?)")
+    assert record["top1"] > 60.0 and record["images"] == len(CLASSES) * VAL_PER_CLASS
+
+
+@BY_FAMILY
+def test_eval_reproduces_the_source_evaluation_exactly(family: str, records, converted, tmp_path: Path) -> None:
+    _needs_converter(family)
+    record, entry = records(family), lookup(FIXTURES[family][1])
+    result_path = tmp_path / "eval.json"
+    assert _eval(converted(family), record, entry.top1, result_path) == 0
+    result = json.loads(result_path.read_text())
+    assert result["label_mapping"] == "id2label" and result["protocol_spec"]["image_size"] == record["image_size"]
+    assert result["pipeline"] == "faithful" and result["failures"] == 0
+    assert result["top1"] == record["top1"], f"eval {result['top1']} != source {record['top1']}"
+    assert result["predictions"] == record["predictions"]
+
+
+@BY_FAMILY
+def test_eval_fails_a_wrong_expectation(family: str, records, converted) -> None:
+    _needs_converter(family)
+    record = records(family)
+    assert _eval(converted(family), record, record["top1"] - 1.0) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@BY_FAMILY
+def test_fast_gpu_path_agrees_with_faithful(family: str, records, converted) -> None:
+    from parity.eval_run import evaluate, prediction_agreement
+
+    _needs_converter(family)
+    folder, val = converted(family), records(family)["val"]
+    fast = evaluate(folder, val, protocol="original", device="cuda", fast=True, workers=2)
+    faithful = evaluate(folder, val, protocol="original", device="cuda", fast=False, workers=2)
+    agreement = prediction_agreement(fast, faithful)
+    assert agreement["agreement"] >= MIN_GPU_AGREEMENT, agreement
+
+
+def test_files_are_in_the_original_layout(records) -> None:
+    from checkpoints.synthetic import bit_shapes
+    from checkpoints.synthetic_data2vec import d2v1_state_dict
+    from checkpoints.fixtures import train_data2vec
+
+    with np.load(records("bit")["checkpoint"]) as npz:
+        shapes = {k: npz[k].shape for k in npz.files}
+    assert shapes == bit_shapes((1, 1, 1, 1), 32, len(CLASSES))
+    container = torch.load(records("data2vec1")["checkpoint"], map_location="cpu", weights_only=True)
+    template = d2v1_state_dict(train_data2vec.CONFIG, 0, shared_rel_pos=False, finetuned=True)
+    assert list(container["module"]) == list(template)
+    assert container["module"]["head.weight"].dtype == torch.float16
