@@ -538,3 +538,21 @@ def test_fuzz_detect_random_bytes(tmp_path: Path, data: bytes) -> None:
     path.write_bytes(data)
     with pytest.raises(InputError):
         open_checkpoint(path)
+
+
+def test_convert_refuses_a_code_running_checkpoint_with_exit_2(tmp_path: Path, capsys) -> None:
+    """Through the command: a DeepSpeed-shaped file whose pickle would run code beside real weights."""
+    import torch
+
+    from parityport.cli import main
+
+    marker = tmp_path / "PWNED"
+    state = {"module": {"cls_token": torch.zeros(1, 1, 8)},
+             "args": _Payload((os.system, (f"touch {marker}",)))}
+    src = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save(state, src)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"parityport: error: {src}: refusing to load: pickle calls posix.system"]
+    assert not marker.exists() and not out.exists()
