@@ -1,0 +1,35 @@
+"""Tap comparison: tolerances, first divergence, scale-relative errors."""
+
+import numpy as np
+
+from parity.compare import compare_tap, compare_taps, first_divergence, tolerance_for
+
+
+def test_max_abs_max_rel_and_cosine():
+    ref = np.array([[1.0, -2.0], [4.0, 0.5]])
+    got = ref + np.array([[0.0, 2.0 ** -10], [0.0, 0.0]])  # exactly representable
+    r = compare_tap("t", ref, got, tolerance_for("t", "float32"))
+    assert r.max_abs == 2.0 ** -10 and r.scale == 4.0 and r.max_rel == 2.0 ** -12
+    assert 0.999999 < r.cosine < 1.0 and not r.passed  # 1e-3 > 1e-5 + 1e-4 * 4
+
+
+def test_shape_mismatch_and_missing_tap_fail():
+    taps = compare_taps({"a": np.zeros(3), "b": np.ones(2)}, {"a": np.zeros(4)})
+    assert [t.passed for t in taps] == [False, False] and first_divergence(taps) == "a"
+
+
+def test_logits_keep_their_absolute_tolerance_at_any_depth():
+    assert tolerance_for("logits", "float32", 1) == tolerance_for("logits", "float32", 60)
+    assert tolerance_for("logits", "float32", 60).atol == 1e-4
+
+
+def test_intermediate_tolerance_grows_linearly_past_the_calibrated_depth():
+    assert tolerance_for("block1.unit01", "float32", 2).rtol == 1e-4
+    assert tolerance_for("block4.unit03", "float32", 16).rtol == 1e-4
+    assert tolerance_for("block4.unit03", "float32", 32).rtol == 2e-4
+
+
+def test_first_divergence_is_in_forward_order():
+    ref = {"stem": np.ones(4), "block1": np.ones(4), "logits": np.ones(2)}
+    got = {"stem": np.ones(4), "block1": np.ones(4) * 2, "logits": np.ones(2) * 3}
+    assert first_divergence(compare_taps(ref, got)) == "block1"
