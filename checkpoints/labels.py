@@ -13,22 +13,47 @@ transformers ImageNet configs.
 
 from __future__ import annotations
 
+import csv
 import functools
-from typing import TYPE_CHECKING, Any
+import importlib.util
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from timm.data import ImageNetInfo
-
 _SUBSETS = {1000: "imagenet-1k", 21843: "imagenet-21k-goog"}
+# timm's class files (timm/data/imagenet_info.py reads the same ones), by subset.
+_SYNSET_FILES = {1000: "imagenet_synsets.txt", 21843: "imagenet21k_goog_synsets.txt"}
+_LEMMA_FILE = "imagenet_synset_to_lemma.txt"
+
+
+class _ImageNetLists:
+    """The WordNet ids of one subset and their lemma descriptions, as timm's `ImageNetInfo` gives them."""
+
+    def __init__(self, num_classes: int) -> None:
+        folder = _timm_info_folder()
+        self._synsets = (folder / _SYNSET_FILES[num_classes]).read_text("utf-8").splitlines()
+        lemmas = (folder / _LEMMA_FILE).read_text("utf-8").splitlines()
+        self._lemmas = dict(csv.reader(lemmas, delimiter="\t"))
+
+    def label_names(self) -> list[str]:
+        return self._synsets
+
+    def label_descriptions(self) -> list[str]:
+        return [self._lemmas[s] for s in self._synsets]
+
+
+def _timm_info_folder() -> Path:
+    """timm's `data/_info` folder, found without importing timm (importing it pulls in torch)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the ImageNet class lists come from timm, which is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "_info"
 
 
 @functools.cache
-def _info(num_classes: int) -> ImageNetInfo:
-    from timm.data import ImageNetInfo  # imported on first use: timm pulls in torch
-
-    return ImageNetInfo(_SUBSETS[num_classes])
+def _info(num_classes: int) -> _ImageNetLists:
+    return _ImageNetLists(num_classes)
 
 
 def imagenet_id2label(num_classes: int) -> dict[int, str] | None:

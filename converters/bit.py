@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 
 from converters.errors import InputError
-from converters.family import Conversion, expected_shapes
+from converters.family import Conversion
 from converters.rules import Compose, Rename, Reshape, Rule, Transpose, apply_rules
+from converters.shapes import bit_shapes
 from converters.tensors import Checkpoint, LazyTensor
 
 HWIO_TO_OIHW = Transpose((3, 2, 0, 1))
@@ -206,8 +207,6 @@ def convert(checkpoint: Checkpoint) -> Conversion:
 
     1000- and 21843-way heads get the ImageNet-1k / Google ImageNet-21k labels.
     """
-    from transformers import BitConfig, BitForImageClassification
-
     from checkpoints.labels import imagenet_id2label
 
     notes: list[str] = []
@@ -226,7 +225,7 @@ def convert(checkpoint: Checkpoint) -> Conversion:
     except InputError as e:
         raise InputError(checkpoint.path, e.problem) from None
     config = hf_config(spec, imagenet_id2label(spec.num_classes))
-    expected = expected_shapes(BitForImageClassification, BitConfig(**config))
+    expected = bit_shapes(config)  # == BitForImageClassification's state dict (tests/test_shapes.py)
     mapped = apply_rules(tensors, bit_rules(spec), expected, path=str(checkpoint.path))
     notes.append("Weight standardization: the original uses eps 1e-10 inside the sqrt; "
                  "transformers' WeightStandardizedConv2d uses 1e-8 (measured effect in the parity table).")

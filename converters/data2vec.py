@@ -27,6 +27,7 @@ import numpy as np
 from converters.errors import InputError
 from converters.family import Conversion, expected_shapes
 from converters.rules import Broadcast, Drop, Rename, Rule, SplitRows, apply_rules
+from converters.shapes import data2vec_vision_shapes
 from converters.tensors import Checkpoint, LazyTensor
 
 CROP_PCT = 0.875  # both originals: resize the shorter side to int(crop / 0.875), centre-crop `crop`
@@ -279,8 +280,6 @@ def _check_d2v1_indices(tensors: Mapping[str, LazyTensor], spec: D2V1Spec) -> No
 
 def convert_data2vec1(checkpoint: Checkpoint) -> Conversion:
     """Map a data2vec 1.0 checkpoint onto transformers' Data2VecVision, strictly and lazily."""
-    from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification, Data2VecVisionModel
-
     path = str(checkpoint.path)
     tensors, dropped = drop_subtrees(checkpoint.tensors, CONTAINER_DROPS)
     try:
@@ -289,8 +288,7 @@ def convert_data2vec1(checkpoint: Checkpoint) -> Conversion:
     except InputError as e:
         raise InputError(path, e.problem) from None
     config = d2v1_config(spec)
-    model_class = Data2VecVisionForImageClassification if spec.finetuned else Data2VecVisionModel
-    expected = expected_shapes(model_class, Data2VecVisionConfig(**config))
+    expected = data2vec_vision_shapes(config, spec.finetuned)  # == the transformers class's (tests/test_shapes.py)
     mapped = apply_rules(tensors, d2v1_rules(spec), expected, path=path)
     notes = [
         *_half_note(tensors),

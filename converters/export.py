@@ -11,19 +11,20 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
-
-from safetensors import safe_open
 
 from converters import __version__
 from converters.errors import InputError
 from converters.family import Conversion
 from converters.tensors import Checkpoint
-from converters.writer import check_sha256sums, sha256_file, write_safetensors
+from converters.writer import Later, check_sha256sums, sha256_file
 
 MODEL_FILE = "model.safetensors"
+SHA256_HEX = 64  # characters of a sha256 hex digest
 
 
 def check_destination(source: Path, dest: Path) -> None:
@@ -133,7 +134,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_model(tmp: Path, conversion: Conversion, checkpoint: Checkpoint, source_sha256: str,
+def write_model(tmp: Path, conversion: Conversion, checkpoint: Checkpoint, source_sha256: str | Future[str],
                 dtype: str, allow_nonfinite: bool = False,
                 on_tensor: Callable[[str, int], None] | None = None,
                 max_shard_size: int | None = None) -> None:
@@ -141,12 +142,14 @@ def write_model(tmp: Path, conversion: Conversion, checkpoint: Checkpoint, sourc
 
     Weights above `max_shard_size` bytes (default huggingface_hub's 5 GB) are
     written as shards plus `model.safetensors.index.json`; below it, as one
-    `model.safetensors`.
+    `model.safetensors`. `source_sha256` may still be computing (a Future from
+    `hash_in_background`): the weights are written meanwhile and the header last.
     """
     from converters.shards import MAX_SHARD_SIZE, write_sharded
 
     metadata = {"format": "pt", "source_file": checkpoint.path.name, "source_format": checkpoint.format,
-                "source_sha256": source_sha256, "converter": "parityport",
+                "source_sha256": (Later(source_sha256, SHA256_HEX) if isinstance(source_sha256, Future)
+                                  else source_sha256), "converter": "parityport",
                 "converter_version": __version__, "family": conversion.family,
                 "variant": conversion.variant}
     try:
@@ -178,3 +181,21 @@ def safe_file_name(name: str) -> str:
 def source_digest(path: Path) -> str:
     """sha256 of the source file (recorded in the metadata and the report)."""
     return sha256_file(path)
+
+
+def hash_in_background(path: Path) -> Future[str]:
+    """`source_digest(path)` computed on a second thread; `.result()` waits for it (and re-raises).
+
+    sha256 and file reads release the GIL, so the hash of a large source overlaps
+    the child pre-parse, the header checks and the rule mapping.
+    """
+    future: Future[str] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(source_digest(path))
+        except BaseException as error:  # noqa: BLE001  re-raised by .result()
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="source-sha256", daemon=True).start()
+    return future

@@ -54,7 +54,7 @@ def _progress(total_bytes: int, label: str):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from converters.export import check_destination, commit, source_digest, staging, up_to_date, write_model
+    from converters.export import check_destination, commit, hash_in_background, staging, up_to_date, write_model
     from converters.readers.isolate import open_isolated
     from converters.shards import parse_size
     from converters.writer import write_sha256sums
@@ -63,9 +63,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     max_shard_size = parse_size(args.max_shard_size)
     src, synthetic = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
     check_destination(src, dest)
-    digest = source_digest(src)
+    digest = hash_in_background(src)  # while the file is parsed and mapped (hashlib releases the GIL)
     if dest.exists() and not args.force:
-        if up_to_date(dest, digest):
+        if up_to_date(dest, digest.result()):
             _say(f"parityport: {dest} is already a verified conversion of {src.name}; nothing to do")
             return 0
         raise InputError(dest, "exists; pass --force to replace it")
@@ -172,7 +172,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parityport", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,12 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("catalog", help="list the official checkpoints")
     p.set_defaults(run=cmd_catalog)
 
-    _add_optional_commands(sub)
+    _add_optional_commands(sub, argv)
     return parser
 
 
 # Commands whose modules define their own arguments: (name, module, add-arguments, run, help).
-# Their modules keep heavy imports (torch, transformers) inside functions, so `--help` stays fast.
+# A module is imported only when its command runs (eval imports torch at module level), so
+# `convert` and `--help` never pay for it.
 COMMANDS = [
     ("eval", "parity.eval_run", "add_eval_arguments", "run_eval", "ImageNet top-1 of a converted folder"),
     ("verify", "parity.verify", "add_arguments", "run", "check a folder's checksums, load and parity record"),
@@ -211,18 +212,26 @@ COMMANDS = [
 ]
 
 
-def _add_optional_commands(sub) -> None:
+def _add_optional_commands(sub, argv: list[str] | None) -> None:
     import importlib
 
+    chosen = _command_name(sys.argv[1:] if argv is None else argv)
     for name, module, add, run, help_text in COMMANDS:
-        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text)
-        getattr(mod, add)(p)
-        p.set_defaults(run=getattr(mod, run))
+        if name == chosen:
+            mod = importlib.import_module(module)
+            getattr(mod, add)(p)
+            p.set_defaults(run=getattr(mod, run))
+
+
+def _command_name(argv: list[str]) -> str | None:
+    """The subcommand in `argv`: the first word that is not an option (the only global option,
+    --debug, takes no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args)
     except InputError as e:

@@ -3,19 +3,26 @@
 The zip central directory is parsed with `zipfile`; every `.npy` member's header
 is parsed and checked (name, dtype, shape, byte count, compression ratio) before
 a single array byte is read or allocated. `allow_pickle` is never involved: an
-object dtype is refused outright. Each tensor's loader reopens the archive and
-reads only its own member, so peak memory is one tensor.
+object dtype is refused outright. Peak memory is one tensor: a stored (uncompressed)
+member is read straight from its offset in the file, after its local header and
+`.npy` header are checked again, and its CRC-32 is verified; a deflated member is
+read through `zipfile`, which verifies the CRC itself.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import struct
 import zipfile
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from numpy.lib import format as npy_format
 
+from converters import memory
 from converters.errors import InputError, UnsafeInputError
 from converters.tensors import Checkpoint, LazyTensor
 
@@ -30,6 +37,11 @@ MAX_HEADER_BYTES = 10_000
 MAX_NDIM = 32
 PLAIN_KINDS = "biufc"  # bool, signed, unsigned, float, complex
 _CHUNK = 2**20
+_READ_CHUNK = 8 * 2**20  # bytes read (and CRC-checked while still in cache) at a time
+# A zip local file header: signature, versions, flags, method, time, date, crc, sizes, name and
+# extra lengths (zipfile.structFileHeader).
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+_LOCAL_MAGIC = b"PK\x03\x04"
 # Version 3.0 only adds utf-8 field names, i.e. structured dtypes, which are refused anyway.
 _HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0,
                    (2, 0): npy_format.read_array_header_2_0}
@@ -43,6 +55,9 @@ class _Member:
     fortran: bool
     header_len: int
     nbytes: int
+    crc: int = 0                   # CRC-32 of the member, from the central directory
+    header_offset: int = 0         # where the member's local header begins
+    data_start: int | None = None  # where a stored member's bytes begin in the file
 
 
 def read_npz(path: str | Path) -> Checkpoint:
@@ -60,6 +75,10 @@ def read_npz(path: str | Path) -> Checkpoint:
         infos = archive.infolist()
         _check_directory(path, infos)
         members = [_inspect_member(path, archive, info) for info in infos]
+    size = path.stat().st_size
+    with open(path, "rb", buffering=0) as file:
+        members = [_locate(path, file, info, m, size) if info.compress_type == zipfile.ZIP_STORED else m
+                   for m, info in zip(members, infos)]
     tensors = {m.name[: -len(".npy")]: _lazy(path, m) for m in members}
     compressed = [m.name[: -len(".npy")] for m, info in zip(members, infos)
                   if info.compress_type != zipfile.ZIP_STORED]
@@ -151,7 +170,39 @@ def _parse_header(path: Path, info: zipfile.ZipInfo, stream) -> _Member:
         raise InputError(path, f"member {name!r}: header declares {dtype}{list(shape)} = "
                                f"{nbytes} bytes but the member holds "
                                f"{info.file_size - header_len}")
-    return _Member(name, tuple(shape), dtype, bool(fortran), header_len, nbytes)
+    return _Member(name, tuple(shape), dtype, bool(fortran), header_len, nbytes, info.CRC,
+                   info.header_offset)
+
+
+def _locate(path: Path, file, info: zipfile.ZipInfo, member: _Member, size: int) -> _Member:
+    """`member` with the offset of its bytes, from its local header (checked as zipfile checks it)."""
+    start = _local_data_start(path, file, info.filename, info.orig_filename, info.header_offset)
+    if start + info.compress_size > size:
+        raise InputError(path, f"member {info.filename!r}: truncated or corrupt "
+                               f"(its {info.compress_size} bytes run past the end of the file)")
+    return replace(member, data_start=start)
+
+
+def _local_data_start(path: Path, file, name: str, orig_name: str, offset: int) -> int:
+    """Where the bytes of stored member `name` begin, after checking its local header at `offset`.
+
+    The header must have the local-header signature, the central directory's name
+    (decoded the same way), stored method and no encryption, as `zipfile.ZipFile.open` requires.
+    """
+    raw = os.pread(file.fileno(), _LOCAL_HEADER.size, offset)
+    if len(raw) != _LOCAL_HEADER.size or raw[:4] != _LOCAL_MAGIC:
+        raise InputError(path, f"member {name!r}: truncated or corrupt (bad local header)")
+    fields = _LOCAL_HEADER.unpack(raw)
+    flags, method, name_len, extra_len = fields[3], fields[4], fields[10], fields[11]
+    at = offset + _LOCAL_HEADER.size
+    local_name = os.pread(file.fileno(), name_len, at)
+    encoding = "utf-8" if flags & 0x800 else "cp437"
+    if local_name.decode(encoding, errors="replace") != orig_name:
+        raise InputError(path, f"member {name!r}: local header names {local_name!r}")
+    if flags & 0x1 or method != zipfile.ZIP_STORED:
+        raise InputError(path, f"member {name!r}: local header disagrees with the directory "
+                               f"(method {method}, flags {flags:#x})")
+    return at + name_len + extra_len
 
 
 def _check_dtype(path: Path, name: str, dtype: np.dtype) -> None:
@@ -183,7 +234,9 @@ def _lazy(path: Path, member: _Member) -> LazyTensor:
 
 
 def _load(path: Path, member: _Member) -> np.ndarray:
-    """Re-check the member's header, then read exactly its declared bytes."""
+    """Re-check the member's header, then read exactly its declared bytes and verify their CRC."""
+    if member.data_start is not None:
+        return _arrange(_load_stored(path, member), member)
     with _open_zip(path) as archive:
         try:
             info = archive.getinfo(member.name)
@@ -201,6 +254,44 @@ def _load(path: Path, member: _Member) -> np.ndarray:
             raise InputError(path, f"member {member.name!r}: truncated or corrupt "
                                    f"({_one_line(error)})") from None
     return _arrange(flat, member)
+
+
+def _load_stored(path: Path, member: _Member) -> np.ndarray:
+    """A stored member's array bytes, read by offset: no directory parse, no extra copy.
+
+    The local header and the `.npy` header are read and checked again (a file
+    replaced or rewritten since `read_npz` fails here or at the CRC), then the
+    bytes are read in pieces, each added to the CRC-32 while still in cache.
+    """
+    changed = InputError(path, f"member {member.name!r} changed since it was opened")
+    try:
+        with open(path, "rb", buffering=0) as file:
+            fd, start = file.fileno(), member.data_start
+            if _local_data_start(path, file, member.name, member.name, member.header_offset) != start:
+                raise changed
+            head = os.pread(fd, member.header_len, start)
+            info = zipfile.ZipInfo(member.name)
+            info.file_size, info.CRC = member.header_len + member.nbytes, member.crc
+            info.header_offset = member.header_offset
+            if len(head) != member.header_len or \
+                    replace(_parse_header(path, info, io.BytesIO(head)), data_start=start) != member:
+                raise changed
+            flat = memory.empty((member.nbytes,))
+            view = memoryview(flat)
+            crc, done = zlib.crc32(head), 0
+            while done < member.nbytes:
+                piece = view[done: done + _READ_CHUNK]
+                got = os.preadv(fd, [piece], start + member.header_len + done)
+                if not got:
+                    raise InputError(path, f"member {member.name!r}: truncated after {done} of "
+                                           f"{member.nbytes} bytes")
+                crc = zlib.crc32(piece[:got], crc)
+                done += got
+    except OSError as error:
+        raise InputError(path, f"member {member.name!r}: cannot read ({_one_line(error)})") from None
+    if crc != member.crc:
+        raise InputError(path, f"member {member.name!r}: bad CRC-32 (corrupt, or changed since it was opened)")
+    return flat
 
 
 def _read_exact(path: Path, member: _Member, stream) -> np.ndarray:

@@ -1,0 +1,103 @@
+"""Target state-dict shapes computed from the config dict, without torch or transformers.
+
+`apply_rules` is strict against the exact state dict of the target class. Building
+that class (even on the meta device) imports torch and transformers, ~10 s and
+~0.9 GiB before a single byte is converted, so each family instead has a small
+function that lists the same keys and shapes from the config it writes.
+tests/test_shapes.py asserts that each equals the meta-device state dict of the
+real class for tiny and full-size configs, so strictness is kept and proven.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+# ---------------------------------------------------------------------------
+# BiT: transformers `BitForImageClassification`, layer_type "preactivation"
+
+def _make_div(value: float, divisor: int = 8) -> int:
+    """transformers' `bit.make_div`: round to a multiple of 8, never more than 10% down."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def _bit_unit(prefix: str, cin: int, cout: int, stride: int) -> Shapes:
+    mid = _make_div(cout * 0.25)  # bottle_ratio 0.25
+    shapes: Shapes = {}
+    if cin != cout or stride != 1:
+        shapes[f"{prefix}.downsample.conv.weight"] = (cout, cin, 1, 1)
+    for n, (i, o, k) in enumerate(((cin, mid, 1), (mid, mid, 3), (mid, cout, 1)), start=1):
+        shapes[f"{prefix}.norm{n}.weight"] = (i,)
+        shapes[f"{prefix}.norm{n}.bias"] = (i,)
+        shapes[f"{prefix}.conv{n}.weight"] = (o, i, k, k)
+    return shapes
+
+
+def bit_shapes(config: Mapping[str, Any]) -> Shapes:
+    """State-dict shapes of `BitForImageClassification(BitConfig(**config))` (pre-activation BiT)."""
+    if config["layer_type"] != "preactivation" or config.get("output_stride", 32) != 32:
+        raise ValueError("bit_shapes covers pre-activation BiT with output stride 32 only")
+    cin = config["embedding_size"]
+    shapes: Shapes = {"bit.embedder.convolution.weight": (cin, config["num_channels"], 7, 7)}
+    for s, (depth, cout) in enumerate(zip(config["depths"], config["hidden_sizes"])):
+        for u in range(depth):
+            stride = 2 if s > 0 and u == 0 else 1
+            shapes.update(_bit_unit(f"bit.encoder.stages.{s}.layers.{u}", cin, cout, stride))
+            cin = cout
+    shapes["bit.norm.weight"] = shapes["bit.norm.bias"] = (cin,)
+    classes = len(config["id2label"])
+    if classes:
+        shapes["classifier.1.weight"] = (classes, cin)
+        shapes["classifier.1.bias"] = (classes,)
+    return shapes
+
+
+# ---------------------------------------------------------------------------
+# data2vec 1.0 vision: transformers `Data2VecVisionModel` / `Data2VecVisionForImageClassification`
+
+_D2V_ASSUMED = {"use_mask_token": False, "use_absolute_position_embeddings": False,
+                "use_relative_position_bias": True, "use_shared_relative_position_bias": False}
+
+
+def data2vec_vision_shapes(config: Mapping[str, Any], classification: bool) -> Shapes:
+    """State-dict shapes of `Data2VecVisionForImageClassification` (`classification`) or
+    `Data2VecVisionModel` built from `config`, for the per-layer relative-bias layout."""
+    if any(config.get(k, v) != v for k, v in _D2V_ASSUMED.items()):
+        raise ValueError(f"data2vec_vision_shapes assumes {_D2V_ASSUMED}")
+    dim, hidden, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    patch, window = config["patch_size"], config["image_size"] // config["patch_size"]
+    base = "data2vec_vision." if classification else ""
+    shapes: Shapes = {f"{base}embeddings.cls_token": (1, 1, dim),
+                      f"{base}embeddings.patch_embeddings.projection.weight":
+                          (dim, config["num_channels"], patch, patch),
+                      f"{base}embeddings.patch_embeddings.projection.bias": (dim,)}
+    for i in range(config["num_hidden_layers"]):
+        layer = f"{base}encoder.layer.{i}."
+        attn = layer + "attention.attention."
+        shapes.update({
+            layer + "lambda_1": (dim,), layer + "lambda_2": (dim,),
+            attn + "query.weight": (dim, dim), attn + "query.bias": (dim,),
+            attn + "key.weight": (dim, dim),  # no key bias
+            attn + "value.weight": (dim, dim), attn + "value.bias": (dim,),
+            # (2W-1)^2 relative offsets plus cls→token, token→cls and cls→cls
+            attn + "relative_position_bias.relative_position_bias_table": ((2 * window - 1) ** 2 + 3, heads),
+            layer + "attention.output.dense.weight": (dim, dim), layer + "attention.output.dense.bias": (dim,),
+            layer + "intermediate.dense.weight": (hidden, dim), layer + "intermediate.dense.bias": (hidden,),
+            layer + "output.dense.weight": (dim, hidden), layer + "output.dense.bias": (dim,),
+            layer + "layernorm_before.weight": (dim,), layer + "layernorm_before.bias": (dim,),
+            layer + "layernorm_after.weight": (dim,), layer + "layernorm_after.bias": (dim,),
+        })
+    mean_pooling = config.get("use_mean_pooling", True)
+    if not mean_pooling:
+        shapes[f"{base}layernorm.weight"] = shapes[f"{base}layernorm.bias"] = (dim,)
+    if classification:
+        if mean_pooling:  # the pooler's LayerNorm over the mean of the patch tokens
+            shapes[f"{base}pooler.layernorm.weight"] = shapes[f"{base}pooler.layernorm.bias"] = (dim,)
+        classes = len(config.get("id2label") or {})
+        if classes:
+            shapes["classifier.weight"] = (classes, dim)
+            shapes["classifier.bias"] = (classes,)
+    return shapes

@@ -1,0 +1,48 @@
+"""`convert --no-parity` stays lean: no torch, transformers or timm for an npz.
+
+Importing them costs seconds and most of a gigabyte before a byte is converted;
+the target shapes come from `converters.shapes` and the class names from timm's
+text files instead. Parity (without --no-parity) still imports everything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from checkpoints.labels import imagenet1k_wnids, imagenet21k_wnids, imagenet_id2label
+from checkpoints.synthetic import bit_arrays, write_bit_npz
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "timm", "tensorflow", "jax")
+
+_PROBE = """
+import json, sys
+from parityport.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "heavy": sorted(m for m in %r if m in sys.modules)}))
+""" % (HEAVY,)
+
+
+def test_convert_without_parity_imports_no_framework(tmp_path: Path) -> None:
+    src = tmp_path / "tiny.npz"
+    write_bit_npz(src, bit_arrays((1, 1, 1, 1), 1, 1000, root_width=32))  # 1000 classes: labels too
+    out = subprocess.run([sys.executable, "-c", _PROBE, "convert", str(src), "--out", str(tmp_path / "o"),
+                          "--no-parity", "--dtype", "bfloat16"],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"rc": 0, "heavy": []}, out.stderr
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["id2label"]["0"] == "tench, Tinca tinca"
+
+
+def test_class_lists_equal_timm() -> None:
+    from timm.data import ImageNetInfo
+
+    for classes, subset in ((1000, "imagenet-1k"), (21843, "imagenet-21k-goog")):
+        info = ImageNetInfo(subset)
+        assert imagenet_id2label(classes) == dict(enumerate(info.label_descriptions()))
+    assert imagenet1k_wnids() == list(ImageNetInfo("imagenet-1k").label_names())
+    assert imagenet21k_wnids() == list(ImageNetInfo("imagenet-21k-goog").label_names())

@@ -1,0 +1,63 @@
+"""The config-only shape functions equal the real transformers classes' state dicts.
+
+`converters.shapes` lets `convert` check every target key and shape strictly
+without importing torch or transformers; these tests prove the lists are the
+same ones the classes build, key for key and shape for shape.
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers import (BitConfig, BitForImageClassification, Data2VecVisionConfig,
+                          Data2VecVisionForImageClassification, Data2VecVisionModel)
+
+from converters.bit import BitSpec, hf_config
+from converters.data2vec import D2V1Spec, d2v1_config
+from converters.family import expected_shapes
+from converters.shapes import bit_shapes, data2vec_vision_shapes
+
+BIT_VARIANTS = {  # name: (depths, width factor, classes)
+    "tiny": ((1, 1, 1, 1), 0.5, 10),
+    "R50x1": ((3, 4, 6, 3), 1, 1000),
+    "R101x3": ((3, 4, 23, 3), 3, 21843),
+    "R152x4": ((3, 8, 36, 3), 4, 1000),
+    "R50x1-no-head": ((3, 4, 6, 3), 1, 0),
+}
+
+
+@pytest.mark.parametrize("name", BIT_VARIANTS)
+def test_bit_shapes_equal_transformers(name: str) -> None:
+    depths, width, classes = BIT_VARIANTS[name]
+    spec = BitSpec(depths, int(64 * width), tuple(int(w * width) for w in (256, 512, 1024, 2048)),
+                   classes, "conv2d")
+    config = hf_config(spec, None)
+    expected = expected_shapes(BitForImageClassification, BitConfig(**config))
+    assert bit_shapes(config) == expected
+
+
+D2V_VARIANTS = {  # name: (dim, depth, heads, mlp, patch, image)
+    "tiny": (64, 2, 4, 128, 16, 64),
+    "base": (768, 12, 12, 3072, 16, 224),
+    "large": (1024, 24, 16, 4096, 16, 224),
+    "large-384": (1024, 24, 16, 4096, 16, 384),
+}
+
+
+@pytest.mark.parametrize("classes", [1000, 0])
+@pytest.mark.parametrize("name", D2V_VARIANTS)
+def test_data2vec_vision_shapes_equal_transformers(name: str, classes: int) -> None:
+    dim, depth, heads, mlp, patch, image = D2V_VARIANTS[name]
+    spec = D2V1Spec("", dim, depth, heads, mlp, patch, image, 3, classes, False)
+    config = d2v1_config(spec)
+    model_class = Data2VecVisionForImageClassification if spec.finetuned else Data2VecVisionModel
+    expected = expected_shapes(model_class, Data2VecVisionConfig(**config))
+    assert data2vec_vision_shapes(config, spec.finetuned) == expected
+
+
+def test_shape_functions_refuse_layouts_they_do_not_cover() -> None:
+    config = hf_config(BitSpec((1, 1, 1, 1), 32, (128, 256, 512, 1024), 10, "conv2d"), None)
+    with pytest.raises(ValueError):
+        bit_shapes({**config, "layer_type": "bottleneck"})
+    d2v = d2v1_config(D2V1Spec("", 64, 2, 4, 128, 16, 64, 3, 10, False))
+    with pytest.raises(ValueError):
+        data2vec_vision_shapes({**d2v, "use_shared_relative_position_bias": True}, True)
