@@ -269,9 +269,9 @@ def d2v1_config(spec: D2V1Spec) -> dict:
 
 def _check_d2v1_indices(tensors: Mapping[str, LazyTensor], spec: D2V1Spec) -> None:
     """A stored relative_position_index must be the one rebuilt for the window (it is then dropped)."""
-    from reference.data2vec1_torch import relative_position_index
+    from reference.beit_positions import relative_position_index
 
-    want = relative_position_index((spec.window, spec.window)).numpy()
+    want = relative_position_index((spec.window, spec.window))
     for key, tensor in tensors.items():
         if key.endswith("relative_position_index") and not np.array_equal(tensor.load(), want):
             raise InputError(None, f"{key} differs from the index rebuilt for a "

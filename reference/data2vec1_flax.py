@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reference.beit_positions import relative_position_index
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -77,16 +79,6 @@ def params_from_state_dict(sd: dict[str, np.ndarray]) -> dict:
 # ----------------------------------------------------------------------------- primitives
 
 
-def relative_position_index(side: int) -> np.ndarray:
-    """BEiT's [N+1, N+1] index into the (2W-1)^2 + 3 row table (cls rows last)."""
-    h, w = np.divmod(np.arange(side * side), side)
-    rows = (2 * side - 1) ** 2 + 3
-    index = np.empty((side * side + 1,) * 2, dtype=np.int32)
-    index[1:, 1:] = (h[:, None] - h[None, :] + side - 1) * (2 * side - 1) + (w[:, None] - w[None, :] + side - 1)
-    index[0, :], index[:, 0], index[0, 0] = rows - 3, rows - 2, rows - 1
-    return index
-
-
 def dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, precision=HIGHEST, name=name)
 
@@ -126,7 +118,7 @@ class RelativePositionBias(nn.Module):
         side = self.cfg.image // self.cfg.patch
         table = self.param("relative_position_bias_table", nn.initializers.zeros,
                            ((2 * side - 1) ** 2 + 3, self.cfg.heads))
-        return jnp.transpose(table[relative_position_index(side)], (2, 0, 1))      # H, N+1, N+1
+        return jnp.transpose(table[relative_position_index((side, side))], (2, 0, 1))      # H, N+1, N+1
 
 
 class SelfAttention(nn.Module):

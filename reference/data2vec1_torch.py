@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reference import beit_positions
+
 # beit/modeling_finetune.py builds every norm as partial(nn.LayerNorm, eps=1e-6);
 # transformers' Data2VecVision default (and the hub configs) say 1e-12.
 LN_EPS = 1e-6
@@ -111,22 +113,8 @@ def infer_config(sd: dict[str, torch.Tensor]) -> Data2Vec1Config:
 
 
 def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
-    """The [N+1, N+1] index into the (2Wh-1)(2Ww-1)+3 row table, as BEiT builds it.
-
-    Patch pairs index (dh + Wh-1) * (2Ww-1) + (dw + Ww-1) with dh = h_q - h_k;
-    row 0 (cls query) is rows-3, column 0 (cls key) rows-2, [0, 0] rows-1.
-    """
-    wh, ww = window
-    rows = (2 * wh - 1) * (2 * ww - 1) + 3
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)      # N, N, 2
-    rel = (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)  # N, N
-    index = torch.zeros((wh * ww + 1,) * 2, dtype=torch.long)
-    index[1:, 1:] = rel
-    index[0, :] = rows - 3
-    index[:, 0] = rows - 2
-    index[0, 0] = rows - 1
-    return index
+    """BEiT's [N+1, N+1] index (reference/beit_positions.py) as a torch long tensor."""
+    return torch.from_numpy(beit_positions.relative_position_index(window))
 
 
 def gather_rel_pos_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

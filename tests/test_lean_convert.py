@@ -46,3 +46,15 @@ def test_class_lists_equal_timm() -> None:
         assert imagenet_id2label(classes) == dict(enumerate(info.label_descriptions()))
     assert imagenet1k_wnids() == list(ImageNetInfo("imagenet-1k").label_names())
     assert imagenet21k_wnids() == list(ImageNetInfo("imagenet-21k-goog").label_names())
+
+
+def test_data2vec1_convert_without_parity_imports_no_framework(tmp_path: Path) -> None:
+    from checkpoints.synthetic_data2vec import d2v1_state_dict, write_d2v1_deepspeed
+    from reference.data2vec1_torch import Data2Vec1Config
+
+    config = Data2Vec1Config(dim=64, depth=2, heads=4, mlp_hidden=128, patch=16, image=64, num_classes=1000)
+    src = write_d2v1_deepspeed(tmp_path / "mp_rank_00_model_states.pt",
+                               d2v1_state_dict(config, seed=0, shared_rel_pos=True, finetuned=True))
+    out = subprocess.run([sys.executable, "-c", _PROBE, "convert", str(src), "--out", str(tmp_path / "o"),
+                          "--no-parity"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"rc": 0, "heavy": []}, out.stderr
