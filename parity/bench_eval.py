@@ -79,7 +79,7 @@ def make_dataset(cache: Path, images: int, workers: int, seed: int = 0) -> Path:
     print(f"writing {images} JPEGs to {root} ...", file=sys.stderr)
     import multiprocessing
 
-    with multiprocessing.get_context(worker_context(workers)).Pool(max(1, workers)) as pool:
+    with multiprocessing.get_context(worker_context(max(1, workers))).Pool(max(1, workers)) as pool:
         for _ in pool.imap_unordered(_write_image, jobs, chunksize=64):
             pass
     (root / ".complete").write_text(f"{images}\n")
