@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from checkpoints.catalog import Entry, lookup
 from converters.errors import InputError
+from converters.export import fsync_path
 
 ENV_CACHE = "PARITYPORT_CACHE"
 ENV_BASE_URL = "PARITYPORT_BASE_URL"
@@ -143,7 +144,8 @@ def fetch(
         f.flush()
         os.fsync(f.fileno())
         os.replace(partial, dest)
-    _fsync_dir(dest.parent)
+    with contextlib.suppress(OSError):  # some filesystems refuse to fsync a folder: harmless here
+        fsync_path(dest.parent)
     return dest
 
 
@@ -281,16 +283,6 @@ def _verify(got: str, f: BinaryIO, partial: Path, dest: Path, sha256: str | None
         f.close()
         partial.unlink(missing_ok=True)
         raise InputError(dest, f"sha256 mismatch: expected {sha256.lower()}, got {got}; the download was removed")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable; some filesystems and platforms refuse, which is harmless."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _reason(error: BaseException) -> str:

@@ -29,6 +29,9 @@ import numpy as np
 
 PREFIX = "resnet/"
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}  # units per block
+# The smallest layout the tests convert end to end: two units in block1 (a unit without a
+# projection), GroupNorm(32)-compatible widths, a 10-way head.
+TINY_BIT = dict(depths=(2, 1, 1, 1), root_width=32, num_classes=10)
 _UNIT = re.compile(r"^block(\d+)/unit(\d+)/")
 _NUMBERED = re.compile(r"/standardized_conv2d_\d+/")
 

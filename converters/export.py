@@ -84,10 +84,10 @@ def commit(tmp: Path, dest: Path) -> None:
     """
     for path in tmp.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            _fsync_file(path)
-    _fsync_dir(tmp)
+            fsync_path(path)
+    fsync_path(tmp)
     if dest.exists() and _exchange(tmp, dest):  # one atomic step: no moment without a folder
-        _fsync_dir(dest.parent)
+        fsync_path(dest.parent)
         shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
         return
     old = None
@@ -95,7 +95,7 @@ def commit(tmp: Path, dest: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
         os.replace(dest, old / dest.name)
     os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+    fsync_path(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -118,16 +118,9 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's contents, or a folder's entries (what makes a rename inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -8,17 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from checkpoints.synthetic import DEPTHS, bit_arrays, write_bit_h5, write_bit_npz
+from checkpoints.synthetic import DEPTHS, TINY_BIT, bit_arrays, write_bit_h5, write_bit_npz
 from parityport.cli import main
 
-TINY = dict(depths=(2, 1, 1, 1), root_width=32, num_classes=10)
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("src") / "tiny.npz"
-    write_bit_npz(path, bit_arrays(**TINY, seed=1))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +87,7 @@ def test_metadata_records_provenance(tiny_folder, tiny_npz):
 
 
 def test_h5_in_tf2_layout_gives_the_same_tensors(tiny_folder, tmp_path):
-    arrays = bit_arrays(**TINY, seed=1)
+    arrays = bit_arrays(**TINY_BIT, seed=1)
     write_bit_h5(tmp_path / "tiny.h5", arrays)
     out = tmp_path / "from_h5"
     assert main(["convert", str(tmp_path / "tiny.h5"), "--out", str(out)]) == 0
@@ -106,7 +98,7 @@ def test_h5_in_tf2_layout_gives_the_same_tensors(tiny_folder, tmp_path):
 
 
 def test_numbered_conv_spelling_is_normalised(tmp_path, tiny_folder):
-    write_bit_npz(tmp_path / "n.npz", bit_arrays(**TINY, seed=1, numbered_convs=True))
+    write_bit_npz(tmp_path / "n.npz", bit_arrays(**TINY_BIT, seed=1, numbered_convs=True))
     assert main(["convert", str(tmp_path / "n.npz"), "--out", str(tmp_path / "n"), "--no-parity"]) == 0
     a, b = load_tensors(tiny_folder), load_tensors(tmp_path / "n")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -164,7 +156,7 @@ def test_rerun_is_a_no_op_and_force_replaces(tiny_npz, tiny_folder, capsys):
 
 
 def test_existing_folder_of_another_source_needs_force(tiny_folder, tmp_path, capsys):
-    write_bit_npz(tmp_path / "other.npz", bit_arrays(**TINY, seed=2))
+    write_bit_npz(tmp_path / "other.npz", bit_arrays(**TINY_BIT, seed=2))
     assert main(["convert", str(tmp_path / "other.npz"), "--out", str(tiny_folder)]) == 2
     assert capsys.readouterr().err.strip() == f"parityport: error: {tiny_folder}: exists; pass --force to replace it"
 
@@ -173,7 +165,7 @@ def test_existing_folder_of_another_source_needs_force(tiny_folder, tmp_path, ca
 # Bad input: exit 2, one line naming the file and the problem, no output folder
 
 def _bad(tmp_path, mutate) -> Path:
-    arrays = bit_arrays(**TINY, seed=1)
+    arrays = bit_arrays(**TINY_BIT, seed=1)
     mutate(arrays)
     path = tmp_path / "bad.npz"
     write_bit_npz(path, arrays)
@@ -210,7 +202,7 @@ def test_wrong_format_and_truncated_file(tmp_path, tiny_npz, capsys):
 
 
 def test_broken_h5_with_wrong_root_width_is_named(tmp_path, capsys):
-    arrays = bit_arrays(**TINY, seed=1)
+    arrays = bit_arrays(**TINY_BIT, seed=1)
     arrays["resnet/root_block/standardized_conv2d/kernel"] = np.zeros((7, 7, 3, 64), np.float32)
     write_bit_h5(tmp_path / "broken.h5", arrays)
     assert main(["convert", str(tmp_path / "broken.h5"), "--out", str(tmp_path / "o")]) == 2

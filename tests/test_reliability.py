@@ -13,23 +13,15 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from checkpoints.synthetic import DEPTHS, bit_arrays, write_bit_npz
+from checkpoints.synthetic import DEPTHS, TINY_BIT, bit_arrays, write_bit_npz
 from converters.errors import InputError
 from converters.export import check_destination, safe_file_name
 from converters.tensors import LazyTensor
 from converters.writer import check_sha256sums, write_safetensors
 from parityport.cli import main
 
-TINY = dict(depths=(2, 1, 1, 1), root_width=32, num_classes=10)
 CLI = [sys.executable, "-m", "parityport.cli"]
 ENV = dict(os.environ, TQDM_DISABLE="1")
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("src") / "tiny.npz"
-    write_bit_npz(path, bit_arrays(**TINY, seed=1))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +135,7 @@ def test_a_different_source_is_not_a_no_op(tiny_npz, tmp_path, capsys):
     dest = tmp_path / "out"
     assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 0
     other = tmp_path / "other.npz"
-    write_bit_npz(other, bit_arrays(**TINY, seed=2))
+    write_bit_npz(other, bit_arrays(**TINY_BIT, seed=2))
     capsys.readouterr()
     assert main(["convert", str(other), "--out", str(dest)]) == 2
     assert "pass --force" in capsys.readouterr().err
@@ -189,7 +181,7 @@ def test_output_may_not_be_a_symlink(tiny_npz, tmp_path, target, capsys):
 
 @pytest.fixture(scope="module")
 def nan_npz(tmp_path_factory) -> Path:
-    arrays = bit_arrays(**TINY, seed=1)
+    arrays = bit_arrays(**TINY_BIT, seed=1)
     arrays["resnet/block2/unit01/b/standardized_conv2d/kernel"][0, 0, 0, :3] = np.nan
     arrays["resnet/block2/unit01/b/standardized_conv2d/kernel"][1, 1, 1, 0] = np.inf
     path = tmp_path_factory.mktemp("nan") / "nan.npz"
@@ -231,7 +223,7 @@ def test_nan_at_different_positions_fails_parity():
 
 
 def test_two_source_keys_for_one_target_refused(tmp_path, capsys):
-    arrays = bit_arrays(**TINY, seed=1)
+    arrays = bit_arrays(**TINY_BIT, seed=1)
     kernel = "resnet/block1/unit01/a/standardized_conv2d/kernel"
     arrays[kernel.replace("standardized_conv2d", "standardized_conv2d_7")] = arrays[kernel]
     src = tmp_path / "collide.npz"
