@@ -44,18 +44,20 @@ def check_destination(source: Path, dest: Path) -> None:
         raise InputError(dest, "exists and is not a folder")
 
 
-def up_to_date(dest: Path, source_sha256: str) -> bool:
-    """True when `dest` is a verified conversion of this exact source by this converter version."""
+def up_to_date(dest: Path, source_sha256: str, dtype: str = "float32", verified: bool = True) -> bool:
+    """True when `dest` is an intact conversion of this exact source, by this converter version,
+    to `dtype`, and (when `verified` is asked for) one whose parity passed."""
     from converters.shards import read_metadata
 
     if not (dest / "SHA256SUMS").is_file() or check_sha256sums(dest):
         return False
     try:
-        parity = json.loads((dest / "parity.json").read_text())
+        config = json.loads((dest / "config.json").read_text())
         meta = read_metadata(dest)  # the first shard's, when sharded
+        passed = json.loads((dest / "parity.json").read_text()).get("passed") is True if verified else True
     except (OSError, ValueError, InputError):
         return False
-    return (parity.get("passed") is True and meta.get("source_sha256") == source_sha256
+    return (passed and config.get("torch_dtype") == dtype and meta.get("source_sha256") == source_sha256
             and meta.get("converter_version") == __version__)
 
 

@@ -65,8 +65,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_destination(src, dest)
     digest = hash_in_background(src)  # while the file is parsed and mapped (hashlib releases the GIL)
     if dest.exists() and not args.force:
-        if up_to_date(dest, digest.result()):
-            _say(f"parityport: {dest} is already a verified conversion of {src.name}; nothing to do")
+        if up_to_date(dest, digest.result(), args.dtype, verified=not args.no_parity):
+            _say(f"parityport: {dest} is already a{'' if args.no_parity else ' verified'} {args.dtype} "
+                 f"conversion of {src.name}; nothing to do")
             return 0
         raise InputError(dest, "exists; pass --force to replace it")
     checkpoint = open_isolated(src)

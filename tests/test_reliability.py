@@ -262,3 +262,15 @@ def test_transposed_tensors_are_written_without_a_full_copy(tmp_path):
         writer._CHUNK = old
     with safe_open(tmp_path / "m.safetensors", framework="numpy") as f:
         np.testing.assert_array_equal(f.get_tensor("w"), view)
+
+
+def test_a_rerun_is_a_no_op_only_for_the_same_request(tiny_npz, tmp_path, capsys):
+    """Same source and version but another dtype, or parity asked of an unverified folder: not a no-op."""
+    dest = tmp_path / "out"
+    assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 0
+    assert "already a float32 conversion of tiny.npz; nothing to do" in capsys.readouterr().err
+    for request in (["--no-parity", "--dtype", "bfloat16"], []):  # other dtype; verification asked
+        assert main(["convert", str(tiny_npz), "--out", str(dest), *request]) == 2
+        assert capsys.readouterr().err.strip() == f"parityport: error: {dest}: exists; pass --force to replace it"
