@@ -24,11 +24,19 @@ def report_dict(report: ParityReport, extra: dict[str, Any] | None = None) -> di
         "max_abs_logits": {"target": report.worst("logits", "target"),
                            "peer": report.worst("logits", "peer")},
         "notes": report.notes,
+        "checks": report.checks,
         "runs": [{"side": r.side, "role": r.role, "input": r.input, "dtype": r.dtype,
                   "passed": r.passed, "first_diverging_tap": r.first_divergence,
                   "taps": [t.as_dict() for t in r.taps]} for r in report.results],
         **(extra or {}),
     }
+
+
+def verdict(result: SideResult) -> str:
+    """pass / FAIL for judged runs; a measured run (half-precision weights) is only measured."""
+    if result.role == "measured":
+        return "measured"
+    return "pass" if result.passed else "FAIL"
 
 
 def _summary_rows(report: ParityReport) -> list[str]:
@@ -39,7 +47,7 @@ def _summary_rows(report: ParityReport) -> list[str]:
         worst = max(r.taps, key=lambda t: t.max_rel)
         rows.append(f"| {r.side} | {r.role} | {r.input} | {r.dtype} | "
                     f"{_sci(logits.max_abs) if logits else 'n/a'} | {worst.tap} ({_sci(worst.max_rel)}) | "
-                    f"{r.first_divergence or '-'} | {'pass' if r.passed else 'FAIL'} |")
+                    f"{r.first_divergence or '-'} | {verdict(r)} |")
     return rows
 
 
@@ -58,13 +66,17 @@ def report_markdown(report: ParityReport) -> str:
     lines = [f"# Parity: {report.family} {report.variant}", "",
              f"Source side: {report.source}. Verdict: **{verdict}**.", "",
              "max-rel is max-abs divided by the tap's largest |reference| value; "
-             "a tap passes when max-abs <= limit.", "", *_summary_rows(report), ""]
+             "a tap passes when max-abs <= limit. Runs marked measured use the weights as stored in "
+             "half precision: their errors are the rounding's, recorded and not judged.", "",
+             *_summary_rows(report), ""]
+    if report.checks:
+        lines += ["## Exact checks", "", *[f"- {'ok' if ok else 'FAILED'}: {name}" for name, ok in report.checks.items()], ""]
     if report.notes:
         lines += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
     lines += ["## Per tap", ""]
     first_input = report.results[0].input if report.results else None
     for r in report.results:
-        if r.input == first_input or not r.passed:
+        if r.input == first_input or (not r.passed and r.role != "measured"):
             lines += _tap_rows(r)
     return "\n".join(lines)
 

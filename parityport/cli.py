@@ -80,7 +80,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             write_model(tmp, conversion, checkpoint, digest, args.dtype, args.allow_nonfinite, on_tensor,
                         max_shard_size=max_shard_size)
         if not args.no_parity:
-            report = _parity(checkpoint, conversion, tmp, args.dtype, synthetic)
+            report = _parity(checkpoint, conversion, tmp, args.dtype, synthetic, args.allow_nonfinite)
             if not report.passed:
                 failed = dest.with_name(dest.name + ".parity-failed")
                 shutil.rmtree(failed, ignore_errors=True)
@@ -112,11 +112,11 @@ def convert_checkpoint(checkpoint):
     return family, CONVERTERS[family](checkpoint)
 
 
-def _parity(checkpoint, conversion, folder: Path, dtype: str, synthetic: bool):
-    from parity.families import PARITY
+def _parity(checkpoint, conversion, folder: Path, dtype: str, synthetic: bool, allow_nonfinite: bool = False):
+    from parity.families import verify_conversion
     from parity.report import write_reports
 
-    report = PARITY[conversion.family](checkpoint, conversion, folder, dtype)
+    report = verify_conversion(checkpoint, conversion, folder, dtype, allow_nonfinite)
     if synthetic:
         report.notes.insert(0, "SYNTHETIC source: random weights in the exact original layout, "
                                "not the published checkpoint.")
@@ -126,23 +126,26 @@ def _parity(checkpoint, conversion, folder: Path, dtype: str, synthetic: bool):
 
 
 def _summary(report) -> str:
+    from parity.report import verdict
+
     lines = [f"parity: {report.family} {report.variant} vs {report.source}"]
     for r in report.results:
         last = next((t for t in r.taps if t.tap == "logits"), r.taps[-1])  # encoders end at "norm"
         lines.append(f"  {r.side:<42} {r.input:<16} {r.dtype:<9} max|d {last.tap}| {last.max_abs:.2e}  "
-                     f"{'pass' if r.passed else 'FAIL at ' + str(r.first_divergence)}")
+                     f"{verdict(r) if r.passed or r.role == 'measured' else 'FAIL at ' + str(r.first_divergence)}")
     nonfinite = list(dict.fromkeys(t.tap for r in report.results for t in r.taps if t.nonfinite))
     if nonfinite:
         lines.append(f"  note: NaN/Inf from the source weights reach {len(nonfinite)} taps (from "
                      f"{nonfinite[0]}); they must sit at the same positions on both sides, and errors "
                      f"are measured over the finite values")
+    lines += [f"  {'ok' if ok else 'FAILED'}: {name}" for name, ok in report.checks.items()]
     lines.append("  verdict: " + ("PASSED" if report.passed else "FAILED"))
     return "\n".join(lines)
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
     from converters.readers.isolate import open_isolated
-    from parity.families import PARITY
+    from parity.families import verify_conversion
     from parity.report import report_markdown
 
     folder = Path(args.dir)
@@ -151,7 +154,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     checkpoint = open_isolated(Path(args.src))
     _, conversion = convert_checkpoint(checkpoint)
 
-    report = PARITY[conversion.family](checkpoint, conversion, folder, _stored_dtype(folder))
+    report = verify_conversion(checkpoint, conversion, folder, _stored_dtype(folder))
     print(report_markdown(report))
     if not report.passed:
         raise CheckFailed(f"{folder}: parity FAILED (first diverging tap: {report.first_divergence})")

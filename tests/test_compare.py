@@ -8,7 +8,7 @@ from parity.compare import compare_tap, compare_taps, first_divergence, toleranc
 def test_max_abs_max_rel_and_cosine():
     ref = np.array([[1.0, -2.0], [4.0, 0.5]])
     got = ref + np.array([[0.0, 2.0 ** -10], [0.0, 0.0]])  # exactly representable
-    r = compare_tap("t", ref, got, tolerance_for("t", "float32"))
+    r = compare_tap("t", ref, got, tolerance_for("t"))
     assert r.max_abs == 2.0 ** -10 and r.scale == 4.0 and r.max_rel == 2.0 ** -12
     assert 0.999999 < r.cosine < 1.0 and not r.passed  # 1e-3 > 1e-5 + 1e-4 * 4
 
@@ -19,14 +19,14 @@ def test_shape_mismatch_and_missing_tap_fail():
 
 
 def test_logits_keep_their_absolute_tolerance_at_any_depth():
-    assert tolerance_for("logits", "float32", 1) == tolerance_for("logits", "float32", 60)
-    assert tolerance_for("logits", "float32", 60).atol == 1e-4
+    assert tolerance_for("logits", 1) == tolerance_for("logits", 60)
+    assert tolerance_for("logits", 60).atol == 1e-4
 
 
 def test_intermediate_tolerance_grows_linearly_past_the_calibrated_depth():
-    assert tolerance_for("block1.unit01", "float32", 2).rtol == 1e-4
-    assert tolerance_for("block4.unit03", "float32", 16).rtol == 1e-4
-    assert tolerance_for("block4.unit03", "float32", 32).rtol == 2e-4
+    assert tolerance_for("block1.unit01", 2).rtol == 1e-4
+    assert tolerance_for("block4.unit03", 16).rtol == 1e-4
+    assert tolerance_for("block4.unit03", 32).rtol == 2e-4
 
 
 def test_first_divergence_is_in_forward_order():

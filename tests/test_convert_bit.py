@@ -110,11 +110,31 @@ def test_half_precision_outputs_carry_their_measured_error(tiny_npz, tmp_path, d
     assert main(["convert", str(tiny_npz), "--out", str(out), "--dtype", dtype]) == 0
     assert all(t.dtype == stored for t in load_tensors(out).values())
     report = json.loads((out / "parity.json").read_text())
-    targets = [r for r in report["runs"] if r["role"] == "target"]
-    assert {r["dtype"] for r in targets} == {dtype}
-    errors = [t["max_abs"] for _, t in logits_taps(report)]
+    # judged: the float32 conversion it was rounded from, and the rounding itself, exactly
+    assert {r["dtype"] for r in report["runs"] if r["role"] == "target"} == {"float32"}
+    assert report["checks"] == {f"every stored {dtype} tensor equals the float32 conversion rounded to "
+                                f"{dtype} (54 tensors, bit for bit)": True}
+    # measured: the model as stored, on every input
+    measured = [r for r in report["runs"] if r["role"] == "measured"]
+    assert {r["dtype"] for r in measured} == {dtype} and len(measured) == 3
+    errors = [t["max_abs"] for r in measured for t in r["taps"] if t["tap"] == "logits"]
     assert all(0 < e < float("inf") for e in errors)  # measured, not zero: weights were rounded
-    assert dtype in (out / "parity.md").read_text()
+    assert f"| measured | noise 224x224 | {dtype} |" in (out / "parity.md").read_text()
+
+
+def test_a_stored_tensor_that_is_not_the_rounded_value_is_caught(tiny_npz, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from parity.families import rounding_mismatches
+
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert main(["convert", str(tiny_npz), "--out", str(full), "--no-parity"]) == 0
+    assert main(["convert", str(tiny_npz), "--out", str(half), "--no-parity", "--dtype", "bfloat16"]) == 0
+    assert rounding_mismatches(full, half, "bfloat16") == []
+    weights = load_file(half / "model.safetensors")
+    weights["bit.norm.bias"][0] += 1  # one value off by far more than rounding
+    save_file(weights, half / "model.safetensors", metadata={"format": "pt"})
+    assert rounding_mismatches(full, half, "bfloat16") == ["bit.norm.bias"]
 
 
 def test_planted_tf_same_padding_is_caught_at_the_stem(tiny_folder, tiny_npz, tmp_path, capsys):
