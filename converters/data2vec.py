@@ -6,12 +6,16 @@ Sources (shared/FORMATS.md):
 - 1.0 fine-tuned DeepSpeed `mp_rank_00_model_states.pt`: weights under
   `module` (fp16), DeepSpeed's optimizer and bookkeeping beside them;
 - 2.0 fine-tuned fairseq `*_ft.pt`: `model` holds `model.<Data2VecMultiModel>`
-  plus `fc_norm`/`head`; `cfg` holds the backbone's hyper-parameters.
+  plus `fc_norm`/`head`; `cfg` holds the backbone's hyper-parameters;
+- 2.0 pretrained fairseq `*_imagenet.pt`: `model` holds the `Data2VecMultiModel`
+  itself (no `model.` inside), with its `_ema` teacher and
+  `modality_encoders.IMAGE.decoder.*`.
 
 Targets: `Data2VecVisionForImageClassification` (1.0 fine-tuned),
 `Data2VecVisionModel` (1.0 pretrained), and our custom
-`Data2Vec2VisionForImageClassification` (2.0, shipped as code in the folder and
-loaded with `trust_remote_code=True`). Everything about the variant is read
+`Data2Vec2VisionForImageClassification` (2.0 fine-tuned) /
+`Data2Vec2VisionModel` (2.0 pretrained, no pooler), shipped as code in the
+folder and loaded with `trust_remote_code=True`. Everything about the variant is read
 from the shapes, except the 2.0 head count, which only the file's cfg knows.
 """
 
@@ -318,6 +322,7 @@ def d2v1_source_weights(checkpoint: Checkpoint) -> dict[str, LazyTensor]:
 # data2vec 2.0 (fairseq data2vec_multi + mae_image_classification)
 
 D2V2_BACKBONE, D2V2_HEAD = "model.model.", "model."  # *_ft.pt: model.<Data2VecMultiModel>, model.fc_norm/head
+D2V2_PRETRAINED_BACKBONE = "model."  # pretrained .pt: the container's `model` IS the Data2VecMultiModel
 IMAGE = "modality_encoders.IMAGE."
 HF_CODE = ("configuration_data2vec2.py", "modeling_data2vec2.py")
 AUTO_MAP = {
@@ -335,8 +340,9 @@ POSITIONS_NOTE = ("The stored sin-cos position table is written as it is (not re
 
 @dataclass(frozen=True)
 class D2V2Spec:
-    """A data2vec 2.0 `_ft.pt` variant: shapes plus what only the cfg knows (heads, eps)."""
+    """A data2vec 2.0 variant: shapes plus what only the cfg knows (heads, eps)."""
 
+    backbone: str         # where the Data2VecMultiModel keys start: "model.model." (_ft) or "model."
     dim: int
     prenet_depth: int
     depth: int            # shared `blocks`
@@ -345,14 +351,18 @@ class D2V2Spec:
     patch: int
     image: int
     in_chans: int
-    num_classes: int
+    num_classes: int      # 0: the pretrained encoder
     layer_norm_first: bool
     norm_eps: float
 
     @property
+    def finetuned(self) -> bool:
+        return self.num_classes > 0
+
+    @property
     def name(self) -> str:
         arch = _arch(self.dim, self.prenet_depth + self.depth, self.heads, self.patch)
-        return f"{arch} fine-tuned ({self.num_classes} classes)"
+        return f"{arch} {f'fine-tuned ({self.num_classes} classes)' if self.finetuned else 'pretrained'}"
 
 
 def is_data2vec2(checkpoint: Checkpoint) -> bool:
@@ -397,21 +407,40 @@ def _check_d2v2_cfg(model: Mapping[str, Any], backbone: Mapping[str, Any], spec:
                                "context_encoder blocks")
 
 
+def d2v2_backbone(tensors: Mapping[str, LazyTensor]) -> str:
+    """Where the Data2VecMultiModel keys start: under `model.model.` (a `*_ft.pt` classifier, whose
+    `model.fc_norm`/`model.head` sit beside it) or directly under `model.` (a pretrained file)."""
+    if f"{D2V2_HEAD}head.weight" in tensors or any(k.startswith(D2V2_BACKBONE) for k in tensors):
+        return D2V2_BACKBONE
+    if any(k.startswith(D2V2_PRETRAINED_BACKBONE + IMAGE) for k in tensors):
+        return D2V2_PRETRAINED_BACKBONE
+    raise InputError(None, f"no data2vec 2.0 weights under {D2V2_BACKBONE} or {D2V2_PRETRAINED_BACKBONE}")
+
+
+def d2v2_subtree_drops(backbone: str) -> tuple[tuple[str, str], ...]:
+    """Pretraining leftovers inside the weights: always in pretrained files, absent from the released
+    `_ft` files (dropped if present)."""
+    return ((backbone + "_ema.", "EMA teacher of pretraining"),
+            (backbone + IMAGE + "decoder.", "pretraining decoder"))
+
+
 def infer_d2v2(tensors: Mapping[str, LazyTensor], meta: Mapping[str, Any], notes: list[str]) -> D2V2Spec:
-    """Widths, depths, grid and classes from the shapes; heads, eps and norm placement checked against cfg."""
-    b, e = D2V2_BACKBONE, D2V2_BACKBONE + IMAGE
-    if f"{D2V2_HEAD}head.weight" not in tensors and not any(k.startswith(b) for k in tensors):
-        raise InputError(None, "a data2vec 2.0 pretrained encoder (no fc_norm/head): only fine-tuned "
-                               "*_ft.pt classifiers convert")
+    """Widths, depths, grid and classes from the shapes; heads, eps and norm placement checked against cfg.
+
+    A file without `model.model.` keys is the pretrained encoder (0 classes).
+    """
+    b = d2v2_backbone(tensors)
+    e = b + IMAGE
+    finetuned = b == D2V2_BACKBONE
     conv = _shape(tensors, e + "local_encoder.proj.weight")
     positions = _shape(tensors, e + "fixed_positional_encoder.positions")
     model, backbone = _cfg_models(meta)
     spec = D2V2Spec(
-        dim=conv[0], prenet_depth=_count(tensors, e + "context_encoder.blocks."),
+        backbone=b, dim=conv[0], prenet_depth=_count(tensors, e + "context_encoder.blocks."),
         depth=_count(tensors, b + "blocks."), heads=_d2v2_heads(backbone, conv[0], notes),
         mlp_hidden=_shape(tensors, b + "blocks.0.mlp.fc1.weight")[0], patch=conv[-1],
         image=int(round(positions[1] ** 0.5)) * conv[-1], in_chans=conv[1],
-        num_classes=_shape(tensors, f"{D2V2_HEAD}head.weight")[0],
+        num_classes=_shape(tensors, f"{D2V2_HEAD}head.weight")[0] if finetuned else 0,
         layer_norm_first=e + "context_encoder.norm.weight" not in tensors,
         norm_eps=float(model.get("norm_eps") or backbone.get("norm_eps") or LN_EPS))
     _check_d2v2_cfg(model, backbone, spec)
@@ -419,36 +448,39 @@ def infer_d2v2(tensors: Mapping[str, LazyTensor], meta: Mapping[str, Any], notes
 
 
 def d2v2_rules(spec: D2V2Spec) -> list[Rule]:
-    """fairseq `*_ft.pt` names → `Data2Vec2VisionForImageClassification` names.
+    """fairseq names → `Data2Vec2VisionForImageClassification` (`*_ft.pt`) / `Data2Vec2VisionModel`
+    (pretrained: no `data2vec2.` prefix, no pooler or classifier) names.
 
     Prenet blocks (`context_encoder.blocks.j`) become layers 0..P-1, spelled
     out per j so that a missing layer is traced back to the right source key;
     the shared `blocks.i` become layers P+i through the offset template `{i+P}`.
     """
-    b, e, emb, p = D2V2_BACKBONE, D2V2_BACKBONE + IMAGE, "data2vec2.embeddings.", spec.prenet_depth
-    blocks = [*[(f"{e}context_encoder.blocks.{j}.", f"data2vec2.encoder.layer.{j}.") for j in range(p)],
-              (b + "blocks.{i}.", f"data2vec2.encoder.layer.{{i+{p}}}.")]
+    b, e, p = spec.backbone, spec.backbone + IMAGE, spec.prenet_depth
+    t = "data2vec2." if spec.finetuned else ""
+    emb = t + "embeddings."
+    blocks = [*[(f"{e}context_encoder.blocks.{j}.", f"{t}encoder.layer.{j}.") for j in range(p)],
+              (b + "blocks.{i}.", f"{t}encoder.layer.{{i+{p}}}.")]
+    head = [*_pair(D2V2_HEAD + "fc_norm", "data2vec2.pooler.layernorm"), *_pair(D2V2_HEAD + "head", "classifier")]
     return [
         Rename(e + "extra_tokens", emb + "cls_token"),
         Rename(e + "fixed_positional_encoder.positions", emb + "position_embeddings"),
         *_pair(e + "local_encoder.proj", emb + "patch_embeddings.projection"),
         *_pair(e + "context_encoder.norm", emb + "layernorm"),
         *[r for src, dst in blocks for old, new in D2V2_BLOCK_PAIRS for r in _pair(src + old, dst + new)],
-        *_pair(b + "norm", "data2vec2.layernorm"),
-        *_pair(D2V2_HEAD + "fc_norm", "data2vec2.pooler.layernorm"),
-        *_pair(D2V2_HEAD + "head", "classifier"),
+        *_pair(b + "norm", t + "layernorm"),
+        *(head if spec.finetuned else []),
     ]
 
 
-# Pretraining leftovers inside the weights (absent from the released _ft files; dropped if present).
-D2V2_SUBTREE_DROPS = ((D2V2_BACKBONE + "_ema.", "EMA teacher of pretraining"),
-                      (D2V2_BACKBONE + IMAGE + "decoder.", "pretraining decoder"))
-
-
 def d2v2_config(spec: D2V2Spec) -> dict:
-    """The custom `Data2Vec2VisionConfig`, with `auto_map` so transformers finds the shipped code."""
+    """The custom `Data2Vec2VisionConfig`, with `auto_map` so transformers finds the shipped code.
+
+    Both kinds map AutoModel and AutoModelForImageClassification: a pretrained
+    folder loads in the latter as the start of fine-tuning (new pooler and head).
+    """
+    architecture = "Data2Vec2VisionForImageClassification" if spec.finetuned else "Data2Vec2VisionModel"
     config = {
-        "model_type": "data2vec2-vision", "architectures": ["Data2Vec2VisionForImageClassification"],
+        "model_type": "data2vec2-vision", "architectures": [architecture],
         "auto_map": AUTO_MAP,
         "hidden_size": spec.dim, "num_hidden_layers": spec.prenet_depth + spec.depth,
         "num_prenet_layers": spec.prenet_depth, "num_attention_heads": spec.heads,
@@ -456,8 +488,9 @@ def d2v2_config(spec: D2V2Spec) -> dict:
         "num_channels": spec.in_chans, "layer_norm_first": spec.layer_norm_first,
         "layer_norm_eps": spec.norm_eps, "pooler_layer_norm_eps": LN_EPS,  # fc_norm: hard-coded 1e-6
         "hidden_act": "gelu",
+        "use_mean_pooling": spec.finetuned,  # pretrained: no pooler, the encoder ends at its last block / norm
     }
-    return {**config, **_labels(spec.num_classes)}
+    return {**config, **(_labels(spec.num_classes) if spec.finetuned else {})}
 
 
 def hf_code_files() -> dict[str, bytes]:
@@ -472,7 +505,7 @@ def _check_positions(tensors: Mapping[str, LazyTensor], spec: D2V2Spec) -> None:
     """The stored table must be the 2-D sin-cos table of the grid (up to fp16 rounding)."""
     from reference.data2vec2_torch import POSITIONS_ATOL, sincos_positions
 
-    key = D2V2_BACKBONE + IMAGE + "fixed_positional_encoder.positions"
+    key = spec.backbone + IMAGE + "fixed_positional_encoder.positions"
     want = sincos_positions(spec.dim, spec.image // spec.patch).numpy()
     got = tensors[key].load().astype(np.float32)
     if got.shape != want.shape or np.abs(got - want).max() > POSITIONS_ATOL:
@@ -481,25 +514,34 @@ def _check_positions(tensors: Mapping[str, LazyTensor], spec: D2V2Spec) -> None:
 
 
 def convert_data2vec2(checkpoint: Checkpoint) -> Conversion:
-    """Map a data2vec 2.0 `*_ft.pt` onto our custom transformers model, strictly and lazily."""
-    from reference.data2vec2_hf import Data2Vec2VisionConfig, Data2Vec2VisionForImageClassification
+    """Map a data2vec 2.0 `*_ft.pt` (classifier) or pretrained `.pt` (encoder) onto our custom
+    transformers model, strictly and lazily."""
+    from reference.data2vec2_hf import (Data2Vec2VisionConfig, Data2Vec2VisionForImageClassification,
+                                        Data2Vec2VisionModel)
 
     path = str(checkpoint.path)
-    tensors, dropped = drop_subtrees(checkpoint.tensors, CONTAINER_DROPS + D2V2_SUBTREE_DROPS)
-    notes = _half_note(tensors)
     try:
+        drops = CONTAINER_DROPS + d2v2_subtree_drops(d2v2_backbone(checkpoint.tensors))
+        tensors, dropped = drop_subtrees(checkpoint.tensors, drops)
+        notes = _half_note(tensors)
         spec = infer_d2v2(tensors, checkpoint.meta, notes)
         _check_positions(tensors, spec)
     except InputError as e:
         raise InputError(path, e.problem) from None
     config = d2v2_config(spec)
-    expected = expected_shapes(Data2Vec2VisionForImageClassification, Data2Vec2VisionConfig(**config))
+    model_class = Data2Vec2VisionForImageClassification if spec.finetuned else Data2Vec2VisionModel
+    expected = expected_shapes(model_class, Data2Vec2VisionConfig(**config))
     mapped = apply_rules(tensors, d2v2_rules(spec), expected, path=path)
     notes += [POSITIONS_NOTE,
               "transformers has no data2vec 2.0 class: the folder ships configuration_data2vec2.py and "
               "modeling_data2vec2.py; load with trust_remote_code=True.",
               "preprocessor_config.json holds the original eval pipeline (shorter side 256 bicubic, "
               "centre crop 224, ImageNet mean/std)."]
+    if not spec.finetuned:
+        end = "norm" if spec.layer_norm_first else f"blocks.{spec.prenet_depth + spec.depth - 1}"
+        notes.append(f"Pretrained encoder: written as Data2Vec2VisionModel with no pooler (load with AutoModel, "
+                     f"trust_remote_code=True); it ends at tap \"{end}\". The EMA teacher (_ema) and the "
+                     "decoder are pretraining-only and dropped.")
     dropped.update(mapped.dropped)
     return Conversion("data2vec2", spec.name, mapped.tensors, config,
                       preprocessor_config(spec.image, IMAGENET_MEAN, IMAGENET_STD),
@@ -507,8 +549,9 @@ def convert_data2vec2(checkpoint: Checkpoint) -> Conversion:
 
 
 def d2v2_source_weights(checkpoint: Checkpoint) -> dict[str, LazyTensor]:
-    """The classifier's weights in fairseq names with `model.` stripped once (`model.blocks.0…`,
-    `fc_norm.weight`), pretraining leftovers removed — what `reference.data2vec2_torch` reads
-    after its own `strip_model_prefix`."""
-    tensors, _ = drop_subtrees(checkpoint.tensors, CONTAINER_DROPS + D2V2_SUBTREE_DROPS)
+    """The weights in fairseq names with the container's `model.` stripped once (classifier:
+    `model.blocks.0…`, `fc_norm.weight`; pretrained: `blocks.0…`), pretraining leftovers
+    removed — what `reference.data2vec2_torch` reads after its own `strip_model_prefix`."""
+    drops = CONTAINER_DROPS + d2v2_subtree_drops(d2v2_backbone(checkpoint.tensors))
+    tensors, _ = drop_subtrees(checkpoint.tensors, drops)
     return {k[len(D2V2_HEAD):]: t for k, t in tensors.items() if k.startswith(D2V2_HEAD)}

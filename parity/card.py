@@ -154,8 +154,9 @@ def _header(facts: dict[str, Any], evals: Sequence[dict[str, Any]], entry, name:
     family = facts["meta"].get("family") or facts["config"].get("model_type", "unknown")
     datasets = ["imagenet-1k"] if evals or _num_labels(facts["config"]) == 1000 else None
     extra = {"parityport": {"command": command}} if command else {}
-    data = ModelCardData(library_name="transformers", pipeline_tag="image-classification",
-                         tags=["parityport", family, "image-classification"], datasets=datasets,
+    task = "image-classification" if is_classifier(facts["config"]) else "image-feature-extraction"
+    data = ModelCardData(library_name="transformers", pipeline_tag=task,
+                         tags=["parityport", family, task], datasets=datasets,
                          model_name=name, eval_results=eval_results(evals, entry) or None,
                          **license_fields(entry), **extra)
     return data.to_yaml().rstrip("\n") + "\n"
@@ -203,7 +204,8 @@ def _parity(parity: dict[str, Any] | None) -> list[str]:
     verdict = "PASSED" if parity.get("passed") is True else \
         f"FAILED (first diverging tap: {parity.get('first_diverging_tap')})"
     rows = [(r.get("side"), r.get("role"), r.get("input"), r.get("dtype"), _sci(_logits_max_abs(r)),
-             r.get("first_diverging_tap") or "-", "pass" if r.get("passed") else "FAIL")
+             r.get("first_diverging_tap") or "-",
+             "measured" if r.get("role") == "measured" else "pass" if r.get("passed") else "FAIL")
             for r in parity.get("runs", [])]
     return ["## Parity", "",
             f"Source side: {parity.get('source')}. Verdict: **{verdict}**. Every named tap (stem, each "
@@ -249,9 +251,29 @@ def license_section(entry: Entry | None) -> list[str]:
     return ["## License", "", text, ""]
 
 
-def usage_snippet(model_id: str, remote_code: bool) -> str:
-    """Python that loads the model with the Auto classes and prints the top-5 labels of a photo."""
+def is_classifier(config: dict[str, Any]) -> bool:
+    """A folder with a classification head (pretrained encoders have none)."""
+    return any(a.endswith("ForImageClassification") for a in config.get("architectures") or [])
+
+
+def usage_snippet(model_id: str, remote_code: bool, classifier: bool = True) -> str:
+    """Python that loads the model with the Auto classes and prints the top-5 labels of a photo
+    (an encoder without a head: the shape of its features)."""
     trust = ", trust_remote_code=True" if remote_code else ""
+    if not classifier:
+        return "\n".join([
+            "from urllib.request import urlopen", "",
+            "import torch",
+            "from PIL import Image",
+            "from transformers import AutoImageProcessor, AutoModel", "",
+            f"model_id = {json.dumps(model_id)}",
+            f"processor = AutoImageProcessor.from_pretrained(model_id{trust})",
+            f"model = AutoModel.from_pretrained(model_id{trust}).eval()", "",
+            f"image = Image.open(urlopen({json.dumps(_IMAGE_URL)})).convert(\"RGB\")",
+            "with torch.no_grad():",
+            "    features = model(**processor(images=image, return_tensors=\"pt\")).last_hidden_state",
+            "print(features.shape)  # batch, tokens, channels",
+        ])
     return "\n".join([
         "from urllib.request import urlopen", "",
         "import torch",
@@ -298,7 +320,8 @@ def model_card(folder: Path, evals: list[dict], command: str | None, model_id: s
                   "the exact original layout (random values). It proves the pipeline, not the model.", ""]
     lines += [*_provenance(facts, entry, command), *_parity(facts["parity"]), *_accuracy(evals, entry),
               *_differences(facts["parity"]), *license_section(entry),
-              "## Usage", "", "```python", usage_snippet(model_id or str(folder), remote), "```", ""]
+              "## Usage", "", "```python", usage_snippet(model_id or str(folder), remote, is_classifier(facts["config"])),
+              "```", ""]
     return "---\n" + _header(facts, evals, entry, name, command) + "---\n\n" + "\n".join(lines)
 
 

@@ -9,7 +9,10 @@ weights (1.0), and the Flax ports on the CONVERTED weights (both versions).
 
 Taps, in forward order: "patch_embed" (B, N+1, C: the first block's input),
 "blocks.0" … "blocks.{L-1}" (2.0: prenet blocks first), "norm" (1.0
-pretrained, 2.0 pre-norm), "pooled" (B, C), "logits".
+pretrained, 2.0 pre-norm), "pooled" (B, C), "logits". A pretrained encoder has
+no "pooled"/"logits": 1.0 ends at "norm"; 2.0 ends at "norm" in pre-norm mode
+and at "blocks.{L-1}" in post-norm mode (every released file), whose blocks end
+in their own LayerNorm and which has no final one.
 """
 
 from __future__ import annotations
@@ -159,16 +162,23 @@ def check_shipped_code(folder: Path) -> None:
 
 
 def d2v2_target(folder: Path, config: Mapping) -> Side:
-    """The custom model from the folder through trust_remote_code, in float32, read through hooks."""
-    from transformers import AutoModelForImageClassification
+    """The custom model from the folder through trust_remote_code, in float32, read through hooks.
+
+    Fine-tuned folders load with AutoModelForImageClassification, pretrained
+    ones (`use_mean_pooling` false) with AutoModel, as their users load them.
+    """
+    from transformers import AutoModel, AutoModelForImageClassification
 
     check_shipped_code(folder)
-    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
-    taps = {"patch_embed": "data2vec2.embeddings",
-            **_block_taps("data2vec2.encoder.layer.", config["num_hidden_layers"])}
+    finetuned = bool(config.get("use_mean_pooling", True))
+    loader = AutoModelForImageClassification if finetuned else AutoModel
+    model = loader.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    p = "data2vec2." if finetuned else ""
+    taps = {"patch_embed": f"{p}embeddings", **_block_taps(f"{p}encoder.layer.", config["num_hidden_layers"])}
     if config["layer_norm_first"]:
-        taps["norm"] = "data2vec2.layernorm"
-    taps.update({"pooled": "data2vec2.pooler", "logits": "classifier"})
+        taps["norm"] = f"{p}layernorm"
+    if finetuned:
+        taps.update({"pooled": "data2vec2.pooler", "logits": "classifier"})
     return _hooked_side(model, taps, f"transformers {type(model).__name__} (trust_remote_code)", "target")
 
 
@@ -226,7 +236,12 @@ def data2vec2_parity(checkpoint: Checkpoint, conversion: Conversion, folder: Pat
     """fairseq-semantics PyTorch reference vs the custom transformers model; the Flax port as peer."""
     strict_numerics()
     cfg, notes = conversion.config, list(conversion.notes)
-    others = [(d2v2_target(folder, cfg), dtype), *_peers([(lambda: d2v2_flax_peer(folder, cfg), dtype)], notes)]
+    builders = []
+    if cfg.get("use_mean_pooling", True):
+        builders.append((lambda: d2v2_flax_peer(folder, cfg), dtype))
+    else:
+        notes.append("The Flax port covers the fine-tuned classifier only; no Flax peer for the pretrained encoder.")
+    others = [(d2v2_target(folder, cfg), dtype), *_peers(builders, notes)]
     inputs = standard_inputs([(cfg["image_size"], cfg["image_size"])], MEAN_2, STD_2)
     report = run_parity(d2v2_source(checkpoint, cfg), others, inputs, family="data2vec2",
                         variant=conversion.variant)

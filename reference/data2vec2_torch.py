@@ -22,7 +22,10 @@ Taps: "patch_embed" is the input of the first block (B, N+1, C: cls + patches
 with positions, after the embedding LayerNorm in post-norm models); "blocks.i"
 numbers the prenet blocks first and then the shared blocks in one sequence
 (ViT-B: blocks.0-1 are `context_encoder.blocks.0-1`, blocks.2-11 are
-`blocks.0-9`); then "norm" (pre-norm models only), "pooled", "logits".
+`blocks.0-9`); then "norm" (pre-norm models only), "pooled", "logits". The
+pretrained encoder (`num_classes=0`, a `base_imagenet.pt` without `_ema` and
+`decoder.*`) stops before "pooled": at "norm" in pre-norm mode, else at its
+last block (post-norm blocks end in their own LayerNorm; there is no final one).
 """
 
 from __future__ import annotations

@@ -218,6 +218,72 @@ def test_d2v2_stored_positions_are_needed_for_parity(d2v2_ft):
     assert moved > D2V2_LOGITS, f"rebuilding the table moved logits by only {moved:.2e}"
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["post-norm", "pre-norm"])
+def d2v2_pretrained(request, tmp_path_factory) -> tuple[Path, Path, d2v2.Data2Vec2Config, dict]:
+    """A fairseq pretrained `base_imagenet.pt`: Data2VecMultiModel keys under `model`, `_ema`, decoder."""
+    root = tmp_path_factory.mktemp("d2v2-pre")
+    cfg = replace(TINY2, num_classes=0, layer_norm_first=request.param)
+    sd = synth.d2v2_state_dict(cfg, seed=8, finetuned=False)
+    src = synth.write_d2v2_fairseq(root / "base_imagenet.pt", sd, synth.d2v2_cfg(cfg, finetuned=False))
+    return src, convert(src, root / "out"), cfg, sd
+
+
+def test_d2v2_pretrained_is_a_headless_encoder_with_pretraining_keys_dropped(d2v2_pretrained):
+    """Post-norm encoders end at their last block (already LayerNorm-ed), pre-norm ones at "norm"."""
+    _, folder, cfg, _ = d2v2_pretrained
+    report = report_of(folder)
+    assert report["passed"] and report["family"] == "data2vec2"
+    assert report["variant"] == "ViT-d64-L3-H4/16 pretrained"
+    taps = [t["tap"] for t in report["runs"][0]["taps"]]
+    end = ["norm"] if cfg.layer_norm_first else []
+    assert taps == ["patch_embed", "blocks.0", "blocks.1", "blocks.2", *end]
+    assert_taps(report, {tap: D2V2_LOGITS for tap in taps})
+    assert not runs(report, "peer")
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Data2Vec2VisionModel"] and config["use_mean_pooling"] is False
+    assert config["auto_map"]["AutoModel"] == "modeling_data2vec2.Data2Vec2VisionModel"
+    assert "AutoModelForImageClassification" in config["auto_map"] and "id2label" not in config
+    weights = load_tensors(folder)
+    assert not any(k.startswith(("data2vec2.", "pooler.", "classifier.")) for k in weights)
+    assert ("layernorm.weight" in weights) == cfg.layer_norm_first
+    dropped = [n for n in report["notes"] if n.startswith("Dropped by rule")]
+    assert any("(EMA teacher of pretraining)" in n and "model._ema." in n for n in dropped)
+    assert any("(pretraining decoder)" in n and "model.modality_encoders.IMAGE.decoder." in n for n in dropped)
+
+
+def test_d2v2_pretrained_loads_with_automodel_and_matches_the_reference(d2v2_pretrained):
+    from transformers import AutoModel
+
+    _, folder, cfg, sd = d2v2_pretrained
+    model, info = AutoModel.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    assert type(model).__name__ == "Data2Vec2VisionModel" and model.pooler is None
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    weights = {k: v for k, v in sd.items() if k != "_ema" and ".decoder." not in k}
+    reference = d2v2.from_original(weights, heads=cfg.heads)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        out, taps = model.eval()(x, output_hidden_states=True), reference(x)
+    last = "norm" if cfg.layer_norm_first else f"blocks.{cfg.prenet_depth + cfg.depth - 1}"
+    assert list(taps)[-1] == last and "pooled" not in taps
+    err = (out.last_hidden_state - taps[last]).abs().max().item()
+    assert err <= D2V2_LOGITS, f"{last}: max-abs {err:.2e}"
+    assert out.pooler_output is None and len(out.hidden_states) == 4
+
+
+def test_d2v2_pretrained_folder_starts_a_finetune_in_the_classifier(d2v2_pretrained):
+    """AutoModelForImageClassification on a pretrained folder: encoder loaded, only pooler and head new."""
+    from transformers import AutoModelForImageClassification
+
+    _, folder, _, _ = d2v2_pretrained
+    model, info = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, num_labels=5,
+                                                                  output_loading_info=True)
+    assert type(model).__name__ == "Data2Vec2VisionForImageClassification"
+    assert set(info["missing_keys"]) == {"data2vec2.pooler.layernorm.weight", "data2vec2.pooler.layernorm.bias",
+                                         "classifier.weight", "classifier.bias"}, info
+    assert not info["unexpected_keys"]
+
+
 def test_folder_with_altered_custom_code_is_refused(d2v2_ft, tmp_path, capsys):
     import shutil
 
@@ -272,6 +338,13 @@ def _d2v2_file(tmp_path: Path, mutate, cfg_mutate=lambda c: None) -> Path:
     return synth.write_d2v2_fairseq(tmp_path / "bad_ft.pt", sd, cfg)
 
 
+def _d2v2_pretrained_file(tmp_path: Path, mutate) -> Path:
+    config = replace(TINY2, num_classes=0)
+    sd = synth.d2v2_state_dict(config, seed=3, finetuned=False)
+    mutate(sd)
+    return synth.write_d2v2_fairseq(tmp_path / "base_imagenet.pt", sd, synth.d2v2_cfg(config, finetuned=False))
+
+
 BAD = [
     ("missing key", lambda p: _d2v1_file(p, lambda sd: sd.pop("blocks.1.mlp.fc2.bias")),
      "missing keys: module.blocks.1.mlp.fc2.bias"),
@@ -290,9 +363,11 @@ BAD = [
         p, lambda sd: None, lambda c: c["model"]["pretrained_model_args"]["model"].pop("num_heads")),
      "cfg.model has no num_heads and width 64 is not a published variant (the head count cannot be read "
      "from the shapes)"),
-    ("2.0 pretrained", lambda p: synth.write_d2v2_fairseq(
-        p / "base_imagenet.pt", synth.d2v2_state_dict(TINY2, seed=3, finetuned=False), synth.d2v2_cfg(TINY2, False)),
-     "a data2vec 2.0 pretrained encoder (no fc_norm/head): only fine-tuned *_ft.pt classifiers convert"),
+    ("2.0 pretrained missing key", lambda p: _d2v2_pretrained_file(p, lambda sd: sd.pop("blocks.1.mlp.fc1.bias")),
+     "missing keys: model.blocks.1.mlp.fc1.bias"),
+    ("2.0 pretrained unknown key", lambda p: _d2v2_pretrained_file(
+        p, lambda sd: sd.__setitem__("modality_encoders.IMAGE.alibi_scale", torch.ones(1))),
+     "no rule for model.modality_encoders.IMAGE.alibi_scale"),
 ]
 
 

@@ -360,3 +360,26 @@ def test_remote_code_models_get_trust_remote_code_in_the_snippet():
     snippet = usage_snippet("me/d2v2", remote_code=True)
     assert snippet.count("trust_remote_code=True") == 2
     compile(snippet, "README.md", "exec")
+
+
+def test_an_encoder_card_loads_automodel_and_its_snippet_runs(tmp_path, monkeypatch, capsys):
+    import urllib.request
+
+    from huggingface_hub import ModelCard
+
+    from checkpoints.synthetic_data2vec import d2v1_state_dict, write_d2v1_pretrained
+    from reference.data2vec1_torch import Data2Vec1Config
+
+    config = Data2Vec1Config(dim=64, depth=2, heads=4, mlp_hidden=128, patch=16, image=64, num_classes=0)
+    src = write_d2v1_pretrained(tmp_path / "checkpoint-799.pth",
+                                d2v1_state_dict(config, seed=0, shared_rel_pos=True, finetuned=False))
+    out = tmp_path / "encoder"
+    assert main(["convert", str(src), "--out", str(out)]) == 0
+    text = (out / "README.md").read_text()
+    assert ModelCard(text).data.to_dict()["pipeline_tag"] == "image-feature-extraction"
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "AutoModel.from_pretrained" in snippet and "ForImageClassification" not in snippet
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url: open(photo_path(), "rb"))  # no network
+    capsys.readouterr()
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "torch.Size([1, 17, 64])"

@@ -233,6 +233,38 @@ def test_d2v2_reference_equals_custom_transformers_model(layer_norm_first: bool)
     assert_tap("logits", out.logits, taps["logits"], atol=1e-5)
 
 
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+def test_d2v2_headless_custom_model_equals_the_pretrained_reference(layer_norm_first: bool) -> None:
+    """`use_mean_pooling=False`: the classifier's backbone without its pooler, on the pretrained taps."""
+    from reference.data2vec2_hf import Data2Vec2VisionConfig, Data2Vec2VisionModel
+
+    cfg = replace(TINY2, num_classes=0, layer_norm_first=layer_norm_first)
+    sd = {k: v for k, v in synth.d2v2_state_dict(cfg, seed=12, finetuned=False).items()
+          if k != "_ema" and ".decoder." not in k}
+    ref = d2v2.from_original(sd, heads=cfg.heads)
+    assert ref.cfg == cfg
+    config = Data2Vec2VisionConfig(
+        hidden_size=cfg.dim, num_hidden_layers=cfg.prenet_depth + cfg.depth, num_prenet_layers=cfg.prenet_depth,
+        num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_hidden, image_size=cfg.image,
+        patch_size=cfg.patch, layer_norm_first=cfg.layer_norm_first, use_mean_pooling=False)
+    hf = Data2Vec2VisionModel(config).eval()
+    hf.load_state_dict({k.removeprefix("data2vec2."): v for k, v in d2v2_to_custom(sd, cfg.prenet_depth).items()},
+                       strict=True)
+    assert hf.pooler is None
+
+    x = pixels(3)
+    with torch.no_grad():
+        taps = ref(x)
+        out = hf(x, output_hidden_states=True)
+    assert "pooled" not in taps and out.pooler_output is None
+    assert_tap("patch_embed", out.hidden_states[0], taps["patch_embed"], atol=1e-6)
+    for i in range(cfg.prenet_depth + cfg.depth):
+        assert_tap(f"blocks.{i}", out.hidden_states[i + 1], taps[f"blocks.{i}"], atol=1e-5)
+    last = "norm" if layer_norm_first else f"blocks.{cfg.prenet_depth + cfg.depth - 1}"
+    assert list(taps)[-1] == last
+    assert_tap(last, out.last_hidden_state, taps[last], atol=1e-5)
+
+
 def test_d2v2_positions_are_checked_against_the_formula() -> None:
     sd = d2v2.strip_model_prefix(synth.d2v2_state_dict(TINY2, seed=5))
     name = "modality_encoders.IMAGE.fixed_positional_encoder.positions"

@@ -12,7 +12,9 @@ class Data2Vec2VisionConfig(PretrainedConfig):
     `layer_norm_first=False` (post-norm, LayerNorm on the embeddings) is what
     every released image model uses. Both epsilons are 1e-6 in the original:
     `layer_norm_eps` is `norm_eps`, `pooler_layer_norm_eps` is the hard-coded
-    eps of `fc_norm`.
+    eps of `fc_norm`. `use_mean_pooling=False` is the pretrained encoder:
+    `Data2Vec2VisionModel` then has no pooler (fairseq's `Data2VecMultiModel`
+    ends at the last block, or at `norm` in pre-norm models).
     """
 
     model_type = "data2vec2-vision"
@@ -31,6 +33,7 @@ class Data2Vec2VisionConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-6,
         pooler_layer_norm_eps: float = 1e-6,
         hidden_act: str = "gelu",
+        use_mean_pooling: bool = True,
         initializer_range: float = 0.02,
         **kwargs,
     ) -> None:
@@ -46,5 +49,6 @@ class Data2Vec2VisionConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.pooler_layer_norm_eps = pooler_layer_norm_eps
         self.hidden_act = hidden_act
+        self.use_mean_pooling = use_mean_pooling
         self.initializer_range = initializer_range
         super().__init__(**kwargs)

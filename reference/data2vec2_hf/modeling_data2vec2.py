@@ -21,9 +21,17 @@ transformers' habits; the converter renames fairseq's `*_ft.pt` keys as:
 The position table is stored, not rebuilt: fp16 training leaves the file's
 table rounded, and parity needs the values the original model added.
 
+A pretrained `base_imagenet.pt` (fairseq's `Data2VecMultiModel` itself,
+without `fc_norm`/`head`) becomes a headless `Data2Vec2VisionModel`
+(`use_mean_pooling=False`): the same renames without the `data2vec2.` prefix
+and with `model.` in place of `model.model.`; its `_ema` teacher and
+`modality_encoders.IMAGE.decoder.*` are pretraining-only and not kept.
+
 `output_hidden_states=True` returns (embedding output = the first block's
 input, then every block's output), i.e. the taps "patch_embed", "blocks.0" …;
-`pooler_output` is the tap "pooled".
+`last_hidden_state` after `layernorm` is the tap "norm" (pre-norm models
+only: a post-norm encoder ends at its last block, whose output is already
+LayerNorm-ed); `pooler_output` is the tap "pooled" (None without a pooler).
 """
 
 from __future__ import annotations
@@ -190,15 +198,21 @@ class Data2Vec2VisionPreTrainedModel(PreTrainedModel):
 
 
 class Data2Vec2VisionModel(Data2Vec2VisionPreTrainedModel):
-    """Embeddings → blocks → final LayerNorm (pre-norm models only) → mean-pool + LayerNorm."""
+    """Embeddings → blocks → final LayerNorm (pre-norm models only) → mean-pool + LayerNorm.
 
-    def __init__(self, config: Data2Vec2VisionConfig) -> None:
+    `add_pooling_layer` defaults to `config.use_mean_pooling`; the pretrained
+    encoder (`use_mean_pooling=False`) has no pooler and `pooler_output` is None.
+    """
+
+    def __init__(self, config: Data2Vec2VisionConfig, add_pooling_layer: bool | None = None) -> None:
         super().__init__(config)
+        if add_pooling_layer is None:
+            add_pooling_layer = getattr(config, "use_mean_pooling", True)
         self.embeddings = Data2Vec2VisionEmbeddings(config)
         self.encoder = Data2Vec2VisionEncoder(config)
         self.layernorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
                           if config.layer_norm_first else None)
-        self.pooler = Data2Vec2VisionPooler(config)
+        self.pooler = Data2Vec2VisionPooler(config) if add_pooling_layer else None
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
@@ -208,18 +222,23 @@ class Data2Vec2VisionModel(Data2Vec2VisionPreTrainedModel):
         x, hidden = self.encoder(self.embeddings(pixel_values), bool(output_hidden_states))
         if self.layernorm is not None:
             x = self.layernorm(x)
-        out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=self.pooler(x),
+        pooled = self.pooler(x) if self.pooler is not None else None
+        out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled,
                                          hidden_states=hidden)
         return out if return_dict is not False else out.to_tuple()
 
 
 class Data2Vec2VisionForImageClassification(Data2Vec2VisionPreTrainedModel):
-    """logits = classifier(pooler_output); fairseq's `head(fc_norm(mean of patches))`."""
+    """logits = classifier(pooler_output); fairseq's `head(fc_norm(mean of patches))`.
+
+    Always built with the pooler, so a pretrained encoder's folder loads here
+    as the start of fine-tuning (pooler and classifier newly initialised).
+    """
 
     def __init__(self, config: Data2Vec2VisionConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.data2vec2 = Data2Vec2VisionModel(config)
+        self.data2vec2 = Data2Vec2VisionModel(config, add_pooling_layer=True)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
