@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[jax,tensorflow,test]" --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e ".[jax,tensorflow,test]"
 	touch $(STAMP)
 
 test: setup
