@@ -1,1 +1,1 @@
-"""checkpoints"""
+"""The catalog of official checkpoints, downloads and cache, label lists, synthetic stand-ins and trained fixtures."""

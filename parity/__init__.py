@@ -1,1 +1,1 @@
-"""parity"""
+"""Tap-by-tap comparison across frameworks, reports, ImageNet evaluation, model cards, verification and benchmarks."""
