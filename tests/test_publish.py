@@ -383,3 +383,40 @@ def test_an_encoder_card_loads_automodel_and_its_snippet_runs(tmp_path, monkeypa
     capsys.readouterr()
     exec(compile(snippet, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "torch.Size([1, 17, 64])"
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_data2vec_pipeline_top5_equals_the_source_reference_on_the_photo(tmp_path, version):
+    """The converted folder through `pipeline`, against the original-keys reference on the same tensor."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from checkpoints import synthetic_data2vec as synth
+    from converters.readers.detect import open_checkpoint
+    from parity import data2vec as sides
+    from reference.data2vec1_torch import Data2Vec1Config
+    from reference.data2vec2_torch import Data2Vec2Config
+
+    if version == "1.0":
+        config = Data2Vec1Config(dim=64, depth=2, heads=4, mlp_hidden=128, patch=16, image=64, num_classes=1000)
+        src = synth.write_d2v1_deepspeed(tmp_path / "mp_rank_00_model_states.pt",
+                                         synth.d2v1_state_dict(config, seed=0, shared_rel_pos=False, finetuned=True))
+    else:
+        config = Data2Vec2Config(dim=64, depth=2, prenet_depth=1, heads=4, mlp_hidden=128, patch=16, image=64,
+                                 num_classes=1000)
+        src = synth.write_d2v2_fairseq(tmp_path / "ft.pt", synth.d2v2_state_dict(config, seed=0, finetuned=True),
+                                       synth.d2v2_cfg(config))
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--out", str(out)]) == 0
+    classify = pipeline("image-classification", model=str(out), top_k=5, trust_remote_code=version == "2.0")
+    got = [p["label"] for p in classify(str(photo_path()))]
+    pixels = classify.image_processor(images=Image.open(photo_path()).convert("RGB"),
+                                      return_tensors="pt")["pixel_values"].numpy()
+    assert pixels.shape == (1, 3, 64, 64)
+    checkpoint = open_checkpoint(src)
+    source = (sides.d2v1_source(checkpoint) if version == "1.0" else
+              sides.d2v2_source(checkpoint, json.loads((out / "config.json").read_text())))
+    logits = np.asarray(source.run(pixels)["logits"])[0]
+    id2label = classify.model.config.id2label
+    assert got == [id2label[int(i)] for i in np.argsort(-logits)[:5]]
+    assert got[0] != "LABEL_0" and len(id2label) == 1000  # ImageNet labels in the folder
