@@ -60,6 +60,11 @@ ARCHS: dict[tuple[int, int, int, int], str] = {  # (dim, blocks, heads, patch) â
 D2V2_HEADS_BY_DIM = {768: 12, 1024: 16, 1280: 16}
 
 
+def _variant_name(arch: str, num_classes: int) -> str:
+    """"ViT-B/16 fine-tuned (1000 classes)" or "ViT-B/16 pretrained"."""
+    return f"{arch} {f'fine-tuned ({num_classes} classes)' if num_classes else 'pretrained'}"
+
+
 def _arch(dim: int, blocks: int, heads: int, patch: int) -> str:
     return ARCHS.get((dim, blocks, heads, patch), f"ViT-d{dim}-L{blocks}-H{heads}/{patch}")
 
@@ -178,8 +183,7 @@ class D2V1Spec:
 
     @property
     def name(self) -> str:
-        kind = f"fine-tuned ({self.num_classes} classes)" if self.finetuned else "pretrained"
-        return f"{_arch(self.dim, self.depth, self.heads, self.patch)} {kind}"
+        return _variant_name(_arch(self.dim, self.depth, self.heads, self.patch), self.num_classes)
 
 
 def is_data2vec1(checkpoint: Checkpoint) -> bool:
@@ -361,8 +365,8 @@ class D2V2Spec:
 
     @property
     def name(self) -> str:
-        arch = _arch(self.dim, self.prenet_depth + self.depth, self.heads, self.patch)
-        return f"{arch} {f'fine-tuned ({self.num_classes} classes)' if self.finetuned else 'pretrained'}"
+        return _variant_name(_arch(self.dim, self.prenet_depth + self.depth, self.heads, self.patch),
+                             self.num_classes)
 
 
 def is_data2vec2(checkpoint: Checkpoint) -> bool:

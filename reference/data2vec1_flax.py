@@ -38,12 +38,6 @@ class Config:
     layer_norm_eps: float = 1e-6  # the original's eps; the hub configs say 1e-12
 
 
-VARIANTS: dict[str, dict[str, int]] = {
-    "base": dict(dim=768, depth=12, heads=12, mlp_hidden=3072),
-    "large": dict(dim=1024, depth=24, heads=16, mlp_hidden=4096),
-}
-
-
 # ----------------------------------------------------------------------------- weights
 
 # torch layout → Flax layout by rank: Linear (out, in) → (in, out); Conv OIHW → HWIO.

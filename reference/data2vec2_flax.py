@@ -19,9 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reference.data2vec1_flax import HIGHEST, PatchEmbeddings, dense, params_from_state_dict
+from reference.data2vec1_flax import HIGHEST, PatchEmbeddings, dense, layer_norm, params_from_state_dict
 
-__all__ = ["Config", "VARIANTS", "Data2Vec2Flax", "params_from_state_dict"]
+__all__ = ["Config", "Data2Vec2Flax", "params_from_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,6 @@ class Config:
     layer_norm_first: bool = False  # False (post-norm) in every released image model
     layer_norm_eps: float = 1e-6    # Data2VecMultiConfig.norm_eps
     pooler_layer_norm_eps: float = 1e-6  # fc_norm's hard-coded eps
-
-
-VARIANTS: dict[str, dict[str, int]] = {
-    "base": dict(dim=768, depth=12, heads=12, mlp_hidden=3072, patch=16),
-    "large": dict(dim=1024, depth=24, heads=16, mlp_hidden=4096, patch=16),
-    "huge": dict(dim=1280, depth=32, heads=16, mlp_hidden=5120, patch=14),
-}
-
-
-def layer_norm(cfg: Config, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name)
 
 
 class Embeddings(nn.Module):
