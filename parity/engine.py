@@ -76,6 +76,14 @@ class ParityReport:
         return next((r.first_divergence for r in self.results
                      if r.role == "target" and not r.passed), None)
 
+    @property
+    def failure(self) -> str:
+        """What failed, for one-line messages: the first diverging tap or the failed exact check."""
+        if self.first_divergence is not None:
+            return f"first diverging tap: {self.first_divergence}"
+        failed = [name for name, ok in self.checks.items() if not ok]
+        return f"failed check: {failed[0]}" if failed else "no judged run"
+
     def worst(self, tap: str = "logits", role: str = "target") -> float:
         """The largest max-abs error of `tap` over inputs for sides of `role`."""
         values = [t.max_abs for r in self.results if r.role == role for t in r.taps if t.tap == tap]

@@ -85,7 +85,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 failed = dest.with_name(dest.name + ".parity-failed")
                 shutil.rmtree(failed, ignore_errors=True)
                 os.replace(tmp, failed)
-                raise CheckFailed(f"{src}: parity FAILED (first diverging tap: {report.first_divergence}); "
+                raise CheckFailed(f"{src}: parity FAILED ({report.failure}); "
                                   f"report kept in {failed}, nothing written to {dest}")
         _write_card(tmp, dest)
         write_sha256sums(tmp)
@@ -157,7 +157,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     report = verify_conversion(checkpoint, conversion, folder, _stored_dtype(folder))
     print(report_markdown(report))
     if not report.passed:
-        raise CheckFailed(f"{folder}: parity FAILED (first diverging tap: {report.first_divergence})")
+        raise CheckFailed(f"{folder}: parity FAILED ({report.failure})")
     return 0
 
 

@@ -33,3 +33,15 @@ def test_first_divergence_is_in_forward_order():
     ref = {"stem": np.ones(4), "block1": np.ones(4), "logits": np.ones(2)}
     got = {"stem": np.ones(4), "block1": np.ones(4) * 2, "logits": np.ones(2) * 3}
     assert first_divergence(compare_taps(ref, got)) == "block1"
+
+
+def test_a_report_says_what_failed_a_tap_or_an_exact_check():
+    from parity.engine import ParityReport, SideResult
+
+    ok = compare_taps({"logits": np.ones(2)}, {"logits": np.ones(2)})
+    bad = compare_taps({"stem": np.ones(2)}, {"stem": np.ones(2) * 3})
+    report = ParityReport("bit", "tiny", "src", [SideResult("t", "target", "x", "float32", bad)])
+    assert not report.passed and report.failure == "first diverging tap: stem"
+    report = ParityReport("bit", "tiny", "src", [SideResult("t", "target", "x", "float32", ok)],
+                          checks={"stored bfloat16 tensors are the rounded float32 ones": False})
+    assert not report.passed and report.failure == "failed check: stored bfloat16 tensors are the rounded float32 ones"
