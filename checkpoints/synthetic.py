@@ -6,13 +6,17 @@ files that have the published structure with random (but realistic) values:
 - `.npz`: a flat, uncompressed `np.savez` of float32 arrays under `resnet/`,
   HWIO kernels, 1-D GroupNorm `gamma`/`beta`, a (1,1,C,K) `head/conv2d` kernel
   and a (K,) bias (shared/research/bit.md §1).
-- `.h5`: a TF2 Keras `save_weights` HDF5 file: root attribute `layer_names`,
-  one group per layer with attribute `weight_names` listing its datasets in
-  order; per unit `a` GN, `a` conv, `b` GN, `b` conv, `c` GN, `c` conv and the
-  `a/proj` conv LAST; the head is a Dense `head/dense` with a 2-D (C,K) kernel
-  (bit.md §2). The stored weight-name strings of the published files are
-  unconfirmed; these are scope-prefixed and unique, and readers must rely on
-  order and shapes only.
+- `.h5`: a TF2 Keras `save_weights` HDF5 file, as tf.keras 2.3.0-tf (TensorFlow
+  2.2.0, the version bit_tf2/requirements.txt pins) writes it for big_transfer's
+  bit_tf2/models.py `ResnetV2(name="resnet")`: root attributes `layer_names`,
+  `backend`, `keras_version`; one group per layer (`head/dense` nests in `head`)
+  with attribute `weight_names` (an empty float array for weightless layers) and
+  each weight stored at `<layer>/<variable name>`, e.g.
+  `block1/resnet/block1/unit01/a/group_norm/gamma:0`. Per unit: `a` GN, `a` conv,
+  `b` GN, `b` conv, `c` GN, `c` conv, then the `a/proj` conv LAST (created in
+  `build()`); the head is a Dense `head/dense` with a 2-D (C,K) kernel. Whether
+  the variable names carry the `resnet/` scope depends on how the saving script
+  built the model (see `SCOPES`); Keras itself loads by position only.
 
 Only numpy and h5py are used, so this module is an independent statement of
 the layout (it does not share code with the reference models it checks).
@@ -32,6 +36,12 @@ DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}  # units per
 # The smallest layout the tests convert end to end: two units in block1 (a unit without a
 # projection), GroupNorm(32)-compatible widths, a 10-way head.
 TINY_BIT = dict(depths=(2, 1, 1, 1), root_width=32, num_classes=10)
+# The variable-name scope `save_weights` stores, by how the model was first built (TF 2.2.0):
+# called once eagerly, `model(x)`, every name starts with the model's name; built with
+# `model.build((None, None, None, 3))`, as bit_tf2/train.py does, Keras calls `call()`
+# outside the model's own name scope and the names start at the layer (`root_block/...`).
+SCOPES = {"call": PREFIX, "build": ""}
+KERAS_VERSION = "2.3.0-tf"  # tf.keras in TensorFlow 2.2.0
 _UNIT = re.compile(r"^block(\d+)/unit(\d+)/")
 _NUMBERED = re.compile(r"/standardized_conv2d_\d+/")
 
@@ -123,12 +133,14 @@ def _canonical(name: str) -> str:
     return _NUMBERED.sub("/standardized_conv2d/", name.removeprefix(PREFIX))
 
 
-def keras_layers(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+def keras_layers(arrays: Mapping[str, np.ndarray], scope: str = PREFIX,
+                 ) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
     """The TF2 Keras layers of a BiT and their `(weight name, array)` in saved order.
 
-    Layers: `root_block`, `block1`..`block4`, `group_norm`, `head/dense`. Inside a
-    block, units in order, each `a` GN, `a` conv, `b` GN, `b` conv, `c` GN,
-    `c` conv, then `a/proj` (built last). The Dense head kernel is (C, K).
+    Layers with weights: `root_block`, `block1`..`block4`, `group_norm`,
+    `head/dense`. Inside a block, units in order, each `a` GN, `a` conv, `b` GN,
+    `b` conv, `c` GN, `c` conv, then `a/proj` (built last). Weight names are the
+    Keras variable names, `scope` + npz name + `:0`; the Dense head kernel is (C, K).
     """
     canon = {_canonical(k): np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
     units: dict[int, int] = {}
@@ -141,30 +153,36 @@ def keras_layers(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, list[tuple
                  for k in _unit_shapes(1, 1, 1, u == 1)]
         layers.append((f"block{b}", names))
     layers.append(("group_norm", ["group_norm/gamma", "group_norm/beta"]))
-    head = [("resnet/head/dense/kernel:0", canon["head/conv2d/kernel"][0, 0]),  # (1,1,C,K) -> (C,K)
-            ("resnet/head/dense/bias:0", canon["head/conv2d/bias"])]
-    return [(layer, [(f"{PREFIX}{n}:0", canon[n]) for n in names]) for layer, names in layers] + \
+    head = [(f"{scope}head/dense/kernel:0", canon["head/conv2d/kernel"][0, 0]),  # (1,1,C,K) -> (C,K)
+            (f"{scope}head/dense/bias:0", canon["head/conv2d/bias"])]
+    return [(layer, [(f"{scope}{n}:0", canon[n]) for n in names]) for layer, names in layers] + \
         [("head/dense", head)]
 
 
 def write_bit_h5(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], *,
-                 weightless_layers: bool = True) -> None:
+                 built_by: str = "call", weightless_layers: bool = True) -> None:
     """Write the arrays as a TF2 Keras `save_weights` HDF5 file, with h5py only.
 
-    Each layer is a group named after it, holding attribute `weight_names` and a
-    dataset per weight at `<layer>/<weight name>`; the root attribute
-    `layer_names` lists the layers in order. `weightless_layers` adds the
-    weight-free `re_lu` and `global_average_pooling2d` layers, as Keras does.
+    The layout is the one tf.keras 2.3.0-tf writes for bit_tf2's `ResnetV2`: root
+    attributes `layer_names` (fixed-length bytes), `backend` and `keras_version`;
+    a group per layer, created in name order, with attribute `weight_names` and a
+    dataset per weight at `<layer>/<weight name>`. `built_by` ("call" or "build",
+    see `SCOPES`) picks the variable-name scope. `weightless_layers` keeps the
+    weight-free pre-head `re_lu_<3 * units>` (every unit made three ReLUs before
+    it) and `global_average_pooling2d` layers that Keras lists.
     """
-    layers = keras_layers(arrays)
+    layers = keras_layers(arrays, SCOPES[built_by])
     if weightless_layers:
-        layers[-1:-1] = [("re_lu", []), ("global_average_pooling2d", [])]
+        units = sum(n.endswith("/c/standardized_conv2d/kernel:0") for _, w in layers for n, _ in w)
+        layers[-1:-1] = [(f"re_lu_{3 * units}", []), ("global_average_pooling2d", [])]
     with h5py.File(path, "w") as f:
         f.attrs["layer_names"] = np.array([name.encode() for name, _ in layers], dtype="S")
         f.attrs["backend"] = b"tensorflow"
-        f.attrs["keras_version"] = b"2.2.4-tf"
-        for layer, weights in layers:
+        f.attrs["keras_version"] = KERAS_VERSION.encode()
+        for layer, weights in sorted(layers, key=lambda item: item[0]):  # as Keras: by name
             group = f.create_group(layer)
-            group.attrs["weight_names"] = np.array([n.encode() for n, _ in weights], dtype="S")
+            names = [n.encode() for n, _ in weights]
+            # Keras stores np.asarray(names): fixed-length bytes, an empty float64 array if none.
+            group.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array([])
             for name, value in weights:
                 group.create_dataset(name, data=value)

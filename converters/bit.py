@@ -72,7 +72,12 @@ def normalise_npz_names(tensors: dict[str, LazyTensor]) -> tuple[dict[str, LazyT
 
 
 def _unit_names(b: int, u: int, proj: bool) -> list[str]:
-    """The h5 order inside one unit: a, b, c (gamma, beta, kernel), then the projection LAST."""
+    """The h5 order inside one unit: a, b, c (gamma, beta, kernel), then the projection LAST.
+
+    bit_tf2/models.py `BottleneckV2Unit` assigns `_unit_a`, `_unit_a_conv`, `_unit_b`,
+    `_unit_c` in `__init__` and `_proj` only in `build()`, and Keras lists a layer's
+    weights in the order its sub-layers were assigned.
+    """
     prefix = f"resnet/block{b}/unit{u:02d}"
     names = [f"{prefix}/{part}/{leaf}" for part in "abc"
              for leaf in ("group_norm/gamma", "group_norm/beta", "standardized_conv2d/kernel")]
@@ -95,8 +100,19 @@ def _h5_layer_names(layer: str, count: int) -> list[str]:
     return [n for u in range(1, units + 1) for n in _unit_names(int(block.group(1)), u, u == 1)]
 
 
+# A stored name that spells a full BiT path (TF 2.2 writes `resnet/block1/unit01/a/...:0` when
+# the model was called eagerly, `block1/unit01/a/...:0` after `model.build`) must agree with
+# its position; other spellings (a later Keras may drop the outer scopes) are taken by position.
+_FULL_H5_NAME = re.compile(r"(?:resnet/)?((?:root_block|block\d+/unit\d+|head/dense)/.+)")
+
+
 def name_h5_positions(checkpoint: Checkpoint) -> dict[str, LazyTensor]:
-    """Give the positional h5 weights their npz names (Keras loads h5 weights by order)."""
+    """Give the positional h5 weights their npz names (Keras loads h5 weights by order).
+
+    Where a stored weight name is itself a full BiT path it must name the same
+    weight as its position, otherwise the file did not come from bit_tf2's model
+    and `InputError` names the weight.
+    """
     out: dict[str, LazyTensor] = {}
     for layer, weights in checkpoint.meta["order"]:
         if not weights:
@@ -105,7 +121,12 @@ def name_h5_positions(checkpoint: Checkpoint) -> dict[str, LazyTensor]:
         if len(names) != len(weights):
             raise InputError(checkpoint.path, f"h5 layer {layer!r} holds {len(weights)} weights, "
                                               f"expected {len(names)}")
-        for name, weight in zip(names, weights):
+        for index, (name, weight) in enumerate(zip(names, weights)):
+            stored = _FULL_H5_NAME.fullmatch(weight)
+            if stored and _NUMBERED_CONV.sub("/standardized_conv2d/", stored.group(1)) != \
+                    name.removeprefix("resnet/"):
+                raise InputError(checkpoint.path, f"h5 layer {layer!r} stores {weight!r} at position "
+                                                  f"{index}, where Keras' order puts {name!r}")
             out[name] = checkpoint.tensors[f"{layer}/{weight}"]
     return out
 
