@@ -21,6 +21,7 @@ from the shapes, except the 2.0 head count, which only the file's cfg knows.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from converters.errors import InputError
-from converters.family import Conversion, expected_shapes
+from converters.family import Conversion
 from converters.rules import Broadcast, Drop, Rename, Rule, SplitRows, apply_rules
-from converters.shapes import data2vec_vision_shapes
+from converters.shapes import data2vec2_vision_shapes, data2vec_vision_shapes
 from converters.tensors import Checkpoint, LazyTensor
 
 CROP_PCT = 0.875  # both originals: resize the shorter side to int(crop / 0.875), centre-crop `crop`
@@ -498,19 +499,21 @@ def d2v2_config(spec: D2V2Spec) -> dict:
 
 
 def hf_code_files() -> dict[str, bytes]:
-    """The custom model's code, shipped next to config.json (name → bytes)."""
-    import reference.data2vec2_hf as package
+    """The custom model's code, shipped next to config.json (name → bytes).
 
-    folder = Path(package.__file__).resolve().parent
+    The package is located, not imported: importing it would import torch and transformers.
+    """
+    spec = importlib.util.find_spec("reference.data2vec2_hf")
+    folder = Path(next(iter(spec.submodule_search_locations))).resolve()
     return {name: (folder / name).read_bytes() for name in HF_CODE}
 
 
 def _check_positions(tensors: Mapping[str, LazyTensor], spec: D2V2Spec) -> None:
     """The stored table must be the 2-D sin-cos table of the grid (up to fp16 rounding)."""
-    from reference.data2vec2_torch import POSITIONS_ATOL, sincos_positions
+    from reference.mae_positions import POSITIONS_ATOL, sincos_positions
 
     key = spec.backbone + IMAGE + "fixed_positional_encoder.positions"
-    want = sincos_positions(spec.dim, spec.image // spec.patch).numpy()
+    want = sincos_positions(spec.dim, spec.image // spec.patch)
     got = tensors[key].load().astype(np.float32)
     if got.shape != want.shape or np.abs(got - want).max() > POSITIONS_ATOL:
         raise InputError(None, f"{key} is not the 2-D sin-cos table of a "
@@ -520,9 +523,6 @@ def _check_positions(tensors: Mapping[str, LazyTensor], spec: D2V2Spec) -> None:
 def convert_data2vec2(checkpoint: Checkpoint) -> Conversion:
     """Map a data2vec 2.0 `*_ft.pt` (classifier) or pretrained `.pt` (encoder) onto our custom
     transformers model, strictly and lazily."""
-    from reference.data2vec2_hf import (Data2Vec2VisionConfig, Data2Vec2VisionForImageClassification,
-                                        Data2Vec2VisionModel)
-
     path = str(checkpoint.path)
     try:
         drops = CONTAINER_DROPS + d2v2_subtree_drops(d2v2_backbone(checkpoint.tensors))
@@ -533,8 +533,7 @@ def convert_data2vec2(checkpoint: Checkpoint) -> Conversion:
     except InputError as e:
         raise InputError(path, e.problem) from None
     config = d2v2_config(spec)
-    model_class = Data2Vec2VisionForImageClassification if spec.finetuned else Data2Vec2VisionModel
-    expected = expected_shapes(model_class, Data2Vec2VisionConfig(**config))
+    expected = data2vec2_vision_shapes(config, spec.finetuned)  # == the custom classes' (tests/test_shapes.py)
     mapped = apply_rules(tensors, d2v2_rules(spec), expected, path=path)
     notes += [POSITIONS_NOTE,
               "transformers has no data2vec 2.0 class: the folder ships configuration_data2vec2.py and "

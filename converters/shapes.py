@@ -101,3 +101,54 @@ def data2vec_vision_shapes(config: Mapping[str, Any], classification: bool) -> S
             shapes["classifier.weight"] = (classes, dim)
             shapes["classifier.bias"] = (classes,)
     return shapes
+
+
+# ---------------------------------------------------------------------------
+# data2vec 2.0 vision: our custom `Data2Vec2VisionModel` / `Data2Vec2VisionForImageClassification`
+# (reference/data2vec2_hf/modeling_data2vec2.py)
+
+def _num_labels(config: Mapping[str, Any]) -> int:
+    """`PretrainedConfig.num_labels`: len(id2label) when given, else `num_labels` (default 2)."""
+    id2label = config.get("id2label")
+    return len(id2label) if id2label is not None else config.get("num_labels", 2)
+
+
+def _layer_norm(prefix: str, dim: int) -> Shapes:
+    return {f"{prefix}.weight": (dim,), f"{prefix}.bias": (dim,)}
+
+
+def data2vec2_vision_shapes(config: Mapping[str, Any], classification: bool) -> Shapes:
+    """State-dict shapes of `Data2Vec2VisionForImageClassification` (`classification`) or
+    `Data2Vec2VisionModel` built from `config`.
+
+    The classifier always has the pooler and a classifier of `num_labels` rows;
+    the bare model has the pooler only with `use_mean_pooling` (default True).
+    """
+    dim, hidden = config["hidden_size"], config["intermediate_size"]
+    patch, grid = config["patch_size"], config["image_size"] // config["patch_size"]
+    pre_norm = config.get("layer_norm_first", False)
+    base = "data2vec2." if classification else ""
+    emb = base + "embeddings."
+    shapes: Shapes = {emb + "cls_token": (1, 1, dim),
+                      emb + "position_embeddings": (1, grid * grid, dim),  # patches only, no cls row
+                      emb + "patch_embeddings.projection.weight": (dim, config["num_channels"], patch, patch),
+                      emb + "patch_embeddings.projection.bias": (dim,),
+                      **({} if pre_norm else _layer_norm(emb + "layernorm", dim))}
+    for i in range(config["num_hidden_layers"]):  # prenet and shared blocks, one sequence
+        layer = f"{base}encoder.layer.{i}."
+        shapes.update({
+            **_layer_norm(layer + "attention_norm", dim),
+            layer + "attention.qkv.weight": (3 * dim, dim), layer + "attention.qkv.bias": (3 * dim,),
+            layer + "attention.projection.weight": (dim, dim), layer + "attention.projection.bias": (dim,),
+            **_layer_norm(layer + "mlp_norm", dim),
+            layer + "mlp.fc1.weight": (hidden, dim), layer + "mlp.fc1.bias": (hidden,),
+            layer + "mlp.fc2.weight": (dim, hidden), layer + "mlp.fc2.bias": (dim,),
+        })
+    if pre_norm:
+        shapes.update(_layer_norm(base + "layernorm", dim))
+    if classification or config.get("use_mean_pooling", True):  # LayerNorm of the mean patch token
+        shapes.update(_layer_norm(base + "pooler.layernorm", dim))
+    if classification:
+        shapes["classifier.weight"] = (_num_labels(config), dim)
+        shapes["classifier.bias"] = (_num_labels(config),)
+    return shapes

@@ -36,13 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reference.mae_positions import POSITIONS_ATOL  # stored vs rebuilt positions: fp16 rounding
+
 # Data2VecMultiConfig.norm_eps default, kept by every released image config.
 NORM_EPS = 1e-6
 # MaeImageClassificationModel hard-codes nn.LayerNorm(embed_dim, eps=1e-6) for fc_norm.
 FC_NORM_EPS = 1e-6
-# The stored positions are fp16-rounded when the model was trained with common.fp16
-# (fairseq halves the model, then upcasts on save): half an fp16 ulp at |x| < 1 is 2.4e-4.
-POSITIONS_ATOL = 5e-4
 
 
 # ----------------------------------------------------------------------------- config

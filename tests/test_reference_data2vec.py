@@ -20,6 +20,7 @@ import torch
 from checkpoints import synthetic_data2vec as synth
 from reference import data2vec1_torch as d2v1
 from reference import data2vec2_torch as d2v2
+from reference import mae_positions
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -211,6 +212,19 @@ def test_sincos_positions_match_the_mae_formula() -> None:
     for dim, grid in ((64, 4), (768, 14)):
         want = torch.from_numpy(synth._sincos(dim, grid)).float()[None]
         assert_tap("positions", d2v2.sincos_positions(dim, grid), want, atol=1e-7)
+
+
+def test_numpy_sincos_positions_equal_the_torch_tables() -> None:
+    """The converter's check (numpy, no torch import) rebuilds the torch references' table, and
+    keeps their tolerance: both float64 formulas round to the same float32 values."""
+    from reference.data2vec2_hf.modeling_data2vec2 import sincos_positions as hf_sincos_positions
+
+    assert d2v2.POSITIONS_ATOL == mae_positions.POSITIONS_ATOL == 5e-4
+    for dim, grid in ((64, 4), (768, 14), (1280, 16)):
+        table = torch.from_numpy(mae_positions.sincos_positions(dim, grid))
+        assert table.dtype == torch.float32
+        assert_tap(f"positions {dim}x{grid}", table, d2v2.sincos_positions(dim, grid), atol=1e-7)
+        assert_tap(f"positions {dim}x{grid} (custom code)", table, hf_sincos_positions(dim, grid), atol=1e-7)
 
 
 @pytest.mark.parametrize("layer_norm_first", [False, True])
