@@ -1,5 +1,6 @@
 """The streaming safetensors writer, checked with safetensors' own reader."""
 
+import hashlib
 import json
 import struct
 
@@ -119,7 +120,7 @@ def test_tiled_transposes_match_numpy(tmp_path, monkeypatch, shape, axes):
 
 
 def test_write_error_on_the_writer_thread_reaches_the_caller(tmp_path, monkeypatch):
-    def full(fd, data, offset):
+    def full(*args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writer, "_pwrite_all", full)
@@ -152,3 +153,120 @@ def test_pipelined_writes_never_hold_more_than_the_largest_tensor(tmp_path, monk
     assert peak[0] <= max(sizes)
     with safe_open(tmp_path / "m.safetensors", framework="numpy") as f:
         assert all(f.get_tensor(k).sum() == n // 4 for k, n in zip(src, sizes))
+
+
+def _blocks_of(tmp_path, monkeypatch, direct: bool, block: int = 3 * 4096):
+    """Small blocks, so that headers and tensors straddle block and sector boundaries."""
+    monkeypatch.setattr(writer, "_DIRECT", direct)
+    monkeypatch.setattr(writer, "_BLOCK", block)
+    monkeypatch.setattr(writer, "_CHUNK", 5000)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+@pytest.mark.parametrize("sizes", [[1], [3000, 1, 7001, 12288], [0, 20000]], ids=["tiny", "ragged", "empty"])
+def test_blocks_straddling_sectors_read_back_exact(tmp_path, monkeypatch, direct, sizes):
+    """Every size against the block and sector grid, written directly and through the page cache."""
+    _blocks_of(tmp_path, monkeypatch, direct)
+    rng = np.random.default_rng(len(sizes))
+    arrays = {f"t{i}": rng.standard_normal(n).astype(np.float32) for i, n in enumerate(sizes)}
+    arrays["kernel"] = rng.standard_normal((3, 3, 40, 72)).astype(np.float32).transpose(3, 2, 0, 1)
+    path = tmp_path / "m.safetensors"
+    digest = write_safetensors(path, {k: LazyTensor(v.shape, v.dtype, lambda v=v: v) for k, v in arrays.items()},
+                               metadata={"note": "x" * 5000})  # a header over one sector
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    with safe_open(path, framework="numpy") as f:
+        assert f.metadata() == {"note": "x" * 5000}
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(f.get_tensor(name), value)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_late_metadata_is_written_and_hashed_once_known(tmp_path, monkeypatch, direct):
+    """The source hash may finish after most blocks are written: the header is rewritten over the
+    placeholder and the digest catches up from the file, equal to a hash of the finished file."""
+    import threading
+    from concurrent.futures import Future
+
+    _blocks_of(tmp_path, monkeypatch, direct)
+    future: Future = Future()
+    values = np.arange(30000, dtype=np.float32)
+
+    def load_then_finish(i):
+        def load():
+            if i == 2:  # blocks were written with the placeholder; the hash lags behind them
+                threading.Timer(0.05, future.set_result, ["f" * 64]).start()
+            return values[i * 10000:(i + 1) * 10000]
+        return load
+
+    path = tmp_path / "m.safetensors"
+    digest = write_safetensors(path, {f"p{i}": LazyTensor((10000,), values.dtype, load_then_finish(i))
+                                      for i in range(3)},
+                               metadata={"source_sha256": writer.Later(future, 64), "format": "pt"})
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    with safe_open(path, framework="numpy") as f:
+        assert f.metadata() == {"source_sha256": "f" * 64, "format": "pt"}
+        np.testing.assert_array_equal(np.concatenate([f.get_tensor(f"p{i}") for i in range(3)]), values)
+
+
+def test_direct_writes_refused_by_the_file_system_fall_back_to_buffered(tmp_path, monkeypatch):
+    """Some file systems accept O_DIRECT at open and refuse the writes (EINVAL), others refuse the open."""
+    import errno
+
+    _blocks_of(tmp_path, monkeypatch, True)
+    real = writer._pwrite_all
+
+    def refuse_direct(fd, data, offset, direct=False):
+        if direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(writer, "_pwrite_all", refuse_direct)
+    value = np.arange(20000, dtype=np.float32)
+    write_safetensors(tmp_path / "a.safetensors", {"v": LazyTensor.of(value)})
+    real_open = writer.os.open
+
+    def refuse_direct_open(path, flags, mode=0o777):
+        if flags & writer.os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(writer.os, "open", refuse_direct_open)
+    write_safetensors(tmp_path / "b.safetensors", {"v": LazyTensor.of(value)})
+    for name in ("a", "b"):
+        with safe_open(tmp_path / f"{name}.safetensors", framework="numpy") as f:
+            np.testing.assert_array_equal(f.get_tensor("v"), value)
+
+
+def test_scratch_mappings_are_reused_only_once_no_array_views_them():
+    from converters import memory
+
+    memory.release()
+    mappings = memory._pools.setdefault("test", [])
+    first = memory.empty((3 << 20,), np.uint8, pool="test")
+    assert first.ctypes.data % memory.HUGE_PAGE == 0
+    address = first.ctypes.data
+    view = memoryview(first[4096:].view(np.float32))  # a view keeps the mapping busy
+    del first
+    second = memory.empty((3 << 20,), np.uint8, pool="test")
+    assert second.ctypes.data != address and len(mappings) == 2
+    del view
+    smaller = memory.empty((1 << 20,), np.float32, pool="test")  # 4 MiB: the idle mapping is reused
+    assert smaller.ctypes.data == address and len(mappings) == 2
+    assert memory.empty((3 << 20,), np.uint8, pool="other").ctypes.data != address  # pools apart
+    del smaller
+    larger = memory.empty((16 << 20,), np.uint8, pool="test")  # no idle one fits: it is unmapped first
+    assert len(mappings) == 2  # the busy `second` and the new one
+    del larger, second
+    memory.release()
+    assert memory._pools["test"] == [] and memory._pools["other"] == []
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_found_in_every_float_width(tmp_path, dtype, bad):
+    """float16 is checked through its bits, wider floats through their sum: both see every position."""
+    values = np.full((1 << 20) + 3, 65504.0, dtype)  # float16's largest finite value, everywhere
+    write_safetensors(tmp_path / "ok.safetensors", {"w": LazyTensor.of(values)}, dtype=None)
+    values[[0, (1 << 19) + 1, -1]] = bad
+    with pytest.raises(InputError, match=r"^w: 3 non-finite values \(NaN or Inf\)"):
+        write_safetensors(tmp_path / "m.safetensors", {"w": LazyTensor.of(values)}, dtype=None)

@@ -276,7 +276,7 @@ def _load_stored(path: Path, member: _Member) -> np.ndarray:
             if len(head) != member.header_len or \
                     replace(_parse_header(path, info, io.BytesIO(head)), data_start=start) != member:
                 raise changed
-            flat = memory.empty((member.nbytes,))
+            flat = memory.empty((member.nbytes,), pool="tensor")
             view = memoryview(flat)
             crc, done = zlib.crc32(head), 0
             while done < member.nbytes:

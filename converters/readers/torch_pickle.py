@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import os
 import pickle
 import re
 import struct
@@ -27,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from converters import memory
 from converters.errors import InputError, UnsafeInputError
 from converters.tensors import Checkpoint, LazyTensor
 
@@ -758,14 +760,13 @@ def _is_contiguous(ref: _TensorRef) -> bool:
 
 
 def _read_span(path: Path, start: int, nbytes: int) -> np.ndarray:
-    out = np.empty(nbytes, dtype=np.uint8)
+    out = memory.empty((nbytes,), pool="tensor")  # recycled: fresh memory costs a fault per page
     view = memoryview(out)
     try:
-        with open(path, "rb") as file:
-            file.seek(start)
+        with open(path, "rb", buffering=0) as file:
             done = 0
             while done < nbytes:
-                got = file.readinto(view[done: done + _CHUNK])
+                got = os.preadv(file.fileno(), [view[done: done + _CHUNK]], start + done)
                 if not got:
                     raise InputError(path, f"storage truncated at byte {start + done}")
                 done += got
