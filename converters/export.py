@@ -11,17 +11,17 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from converters import __version__
+from converters.digest import sha256_file
 from converters.errors import InputError
 from converters.family import Conversion
 from converters.tensors import Checkpoint
-from converters.writer import Later, check_sha256sums, sha256_file
+from converters.writer import Later, check_sha256sums
 
 MODEL_FILE = "model.safetensors"
 SHA256_HEX = 64  # characters of a sha256 hex digest
@@ -176,21 +176,3 @@ def safe_file_name(name: str) -> str:
 def source_digest(path: Path) -> str:
     """sha256 of the source file (recorded in the metadata and the report)."""
     return sha256_file(path)
-
-
-def hash_in_background(path: Path) -> Future[str]:
-    """`source_digest(path)` computed on a second thread; `.result()` waits for it (and re-raises).
-
-    sha256 and file reads release the GIL, so the hash of a large source overlaps
-    the child pre-parse, the header checks and the rule mapping.
-    """
-    future: Future[str] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(source_digest(path))
-        except BaseException as error:  # noqa: BLE001  re-raised by .result()
-            future.set_exception(error)
-
-    threading.Thread(target=run, name="source-sha256", daemon=True).start()
-    return future

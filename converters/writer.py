@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from converters import memory
+from converters.digest import remember, sha256_file
 from converters.errors import InputError
 from converters.tensors import LazyTensor
 
@@ -219,7 +220,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, LazyTensor], *, dtype: s
                 del array
     finally:
         memory.release()  # the recycled read, piece and block buffers
-    _remember_digest(path, sink.hexdigest)
+    remember(path, sink.hexdigest)
     return sink.hexdigest
 
 
@@ -457,27 +458,6 @@ def _check_finite(name: str, array: np.ndarray) -> None:
     bad = sum(int(np.count_nonzero(~np.isfinite(flat[i:i + step]))) for i in range(0, flat.shape[0], step))
     raise InputError(None, f"{name}: {bad} non-finite values (NaN or Inf); "
                            "pass --allow-nonfinite to convert anyway")
-
-
-# Digests of the files this process has just written, so SHA256SUMS does not read
-# them back: path → (inode, size, mtime_ns, sha256). A file changed since no longer matches.
-_WRITTEN: dict[str, tuple[int, int, int, str]] = {}
-
-
-def _remember_digest(path: Path, digest: str) -> None:
-    st = os.stat(path)
-    _WRITTEN[os.path.abspath(path)] = (st.st_ino, st.st_size, st.st_mtime_ns, digest)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (or remembered, if this process just wrote it)."""
-    known = _WRITTEN.get(os.path.abspath(path))
-    if known is not None:
-        st = os.stat(path)
-        if known[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
-            return known[3]
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_sha256sums(folder: Path, names: Iterable[str] | None = None) -> Path:

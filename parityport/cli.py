@@ -28,6 +28,8 @@ def _say(message: str) -> None:
 def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> tuple[Path, bool]:
     """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout when the
     catalog file cannot be had. Returns (path, is_synthetic)."""
+    if Path(name).expanduser().exists():  # a file: no catalog, no downloader (and no numpy) needed
+        return Path(name).expanduser(), False
     from checkpoints.download import resolve
 
     try:
@@ -54,16 +56,21 @@ def _progress(total_bytes: int, label: str):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from converters.export import check_destination, commit, hash_in_background, staging, up_to_date, write_model
+    from converters.digest import hash_in_background
+
+    dest = Path(args.out)
+    src, synthetic = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
+    # First, before numpy loads: the output's hash waits for this one (hashlib releases the GIL).
+    identity = _identity(src)
+    digest = hash_in_background(src)
+
+    from converters.export import check_destination, commit, staging, up_to_date, write_model
     from converters.readers.isolate import open_isolated
     from converters.shards import parse_size
     from converters.writer import write_sha256sums
 
-    dest = Path(args.out)
     max_shard_size = parse_size(args.max_shard_size)
-    src, synthetic = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
     check_destination(src, dest)
-    digest = hash_in_background(src)  # while the file is parsed and mapped (hashlib releases the GIL)
     if dest.exists() and not args.force:
         if up_to_date(dest, digest.result(), args.dtype, verified=not args.no_parity):
             _say(f"parityport: {dest} is already a{'' if args.no_parity else ' verified'} {args.dtype} "
@@ -87,11 +94,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 os.replace(tmp, failed)
                 raise CheckFailed(f"{src}: parity FAILED ({report.failure}); "
                                   f"report kept in {failed}, nothing written to {dest}")
+        if _identity(src) != identity:  # its hash, CRCs and mapped pages may disagree with each other
+            raise InputError(src, "changed while it was being converted; nothing was written")
         _write_card(tmp, dest)
         write_sha256sums(tmp)
         commit(tmp, dest)
     _say(f"parityport: wrote {dest}" + ("" if args.no_parity else " (parity passed)"))
     return 0
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced, rewritten or truncated."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _write_card(tmp: Path, dest: Path) -> None:

@@ -86,6 +86,18 @@ def test_npz_truncated_everywhere(tmp_path: Path) -> None:
             open_checkpoint(tmp_path / "t.npz")
 
 
+def test_npz_truncated_after_it_was_opened(tmp_path: Path) -> None:
+    """Members are mapped from the file: one cut short since the directory was read is an error,
+    not an access past the end of the file (which would end the process with SIGBUS)."""
+    np.savez(tmp_path / "w.npz", a=np.arange(1000, dtype=np.float32), b=np.ones((4, 4)))
+    checkpoint = read_npz(tmp_path / "w.npz")
+    raw = (tmp_path / "w.npz").read_bytes()
+    (tmp_path / "w.npz").write_bytes(raw[: raw.find(b"PK\x03\x04", 10) - 100])  # inside a's data
+    with pytest.raises(InputError, match=r"member 'a.npy': truncated after \d+ of 4000 bytes") as error:
+        checkpoint.tensors["a"].load()
+    _one_line(error, tmp_path / "w.npz")
+
+
 def test_npz_zip_bomb_member_ratio(tmp_path: Path) -> None:
     path = _zip(tmp_path / "b.npz", {"w.npy": _npy_bytes((4,))}, zipfile.ZIP_DEFLATED)
     raw = bytearray(path.read_bytes())

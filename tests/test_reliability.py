@@ -274,3 +274,25 @@ def test_a_rerun_is_a_no_op_only_for_the_same_request(tiny_npz, tmp_path, capsys
     for request in (["--no-parity", "--dtype", "bfloat16"], []):  # other dtype; verification asked
         assert main(["convert", str(tiny_npz), "--out", str(dest), *request]) == 2
         assert capsys.readouterr().err.strip() == f"parityport: error: {dest}: exists; pass --force to replace it"
+
+
+def test_a_source_changed_during_conversion_is_refused(tiny_npz, tmp_path, monkeypatch, capsys):
+    """Its hash, CRC-checked bytes and mapped pages could disagree: nothing is published."""
+    import shutil
+
+    import converters.export as export
+
+    src = tmp_path / "src.npz"
+    shutil.copy(tiny_npz, src)
+    write_model = export.write_model
+
+    def write_then_touch(*args, **kwargs):
+        write_model(*args, **kwargs)
+        os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))  # as another writer would
+
+    monkeypatch.setattr(export, "write_model", write_then_touch)
+    dest = tmp_path / "out"
+    assert main(["convert", str(src), "--out", str(dest), "--no-parity"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "src.npz: changed while it was being converted; nothing was written")
+    assert not dest.exists() and leftovers(dest) == []

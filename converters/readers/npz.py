@@ -4,7 +4,7 @@ The zip central directory is parsed with `zipfile`; every `.npy` member's header
 is parsed and checked (name, dtype, shape, byte count, compression ratio) before
 a single array byte is read or allocated. `allow_pickle` is never involved: an
 object dtype is refused outright. Peak memory is one tensor: a stored (uncompressed)
-member is read straight from its offset in the file, after its local header and
+member is mapped straight from its offset in the file, after its local header and
 `.npy` header are checked again, and its CRC-32 is verified; a deflated member is
 read through `zipfile`, which verifies the CRC itself.
 """
@@ -12,6 +12,7 @@ read through `zipfile`, which verifies the CRC itself.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import struct
 import zipfile
@@ -22,7 +23,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from numpy.lib import format as npy_format
 
-from converters import memory
 from converters.errors import InputError, UnsafeInputError
 from converters.tensors import Checkpoint, LazyTensor
 
@@ -257,11 +257,16 @@ def _load(path: Path, member: _Member) -> np.ndarray:
 
 
 def _load_stored(path: Path, member: _Member) -> np.ndarray:
-    """A stored member's array bytes, read by offset: no directory parse, no extra copy.
+    """A stored member's array, mapped from the file: no directory parse, no copy.
 
     The local header and the `.npy` header are read and checked again (a file
-    replaced or rewritten since `read_npz` fails here or at the CRC), then the
-    bytes are read in pieces, each added to the CRC-32 while still in cache.
+    replaced or rewritten since `read_npz` fails here or at the CRC), the file
+    must still hold every byte, then the bytes are mapped read-only and their
+    CRC-32 computed a slice at a time. Mapping, not reading, keeps the pages the
+    page cache already holds: no copy into fresh memory, which a virtual machine
+    must also zero. The input must not change while it is converted (the command
+    line checks that it did not); a file truncated while mapped ends the process
+    with SIGBUS, as with any memory-mapped loader.
     """
     changed = InputError(path, f"member {member.name!r} changed since it was opened")
     try:
@@ -276,22 +281,29 @@ def _load_stored(path: Path, member: _Member) -> np.ndarray:
             if len(head) != member.header_len or \
                     replace(_parse_header(path, info, io.BytesIO(head)), data_start=start) != member:
                 raise changed
-            flat = memory.empty((member.nbytes,), pool="tensor")
-            view = memoryview(flat)
-            crc, done = zlib.crc32(head), 0
-            while done < member.nbytes:
-                piece = view[done: done + _READ_CHUNK]
-                got = os.preadv(fd, [piece], start + member.header_len + done)
-                if not got:
-                    raise InputError(path, f"member {member.name!r}: truncated after {done} of "
-                                           f"{member.nbytes} bytes")
-                crc = zlib.crc32(piece[:got], crc)
-                done += got
+            data = start + member.header_len
+            held = os.fstat(fd).st_size - data
+            if held < member.nbytes:
+                raise InputError(path, f"member {member.name!r}: truncated after {max(held, 0)} of "
+                                       f"{member.nbytes} bytes")
+            flat = _map(fd, data, member.nbytes)
     except OSError as error:
         raise InputError(path, f"member {member.name!r}: cannot read ({_one_line(error)})") from None
+    crc = zlib.crc32(head)
+    for i in range(0, member.nbytes, _READ_CHUNK):
+        crc = zlib.crc32(flat[i:i + _READ_CHUNK], crc)
     if crc != member.crc:
         raise InputError(path, f"member {member.name!r}: bad CRC-32 (corrupt, or changed since it was opened)")
     return flat
+
+
+def _map(fd: int, offset: int, nbytes: int) -> np.ndarray:
+    """`nbytes` of the file from `offset`, mapped private and read-only (uint8)."""
+    if nbytes == 0:
+        return np.empty(0, np.uint8)
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+    mapping = mmap.mmap(fd, offset - base + nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=base)
+    return np.frombuffer(mapping, np.uint8, count=nbytes, offset=offset - base)
 
 
 def _read_exact(path: Path, member: _Member, stream) -> np.ndarray:
