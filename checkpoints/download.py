@@ -19,7 +19,9 @@ every catalog URL and keeps its path: with `http://127.0.0.1:8000/mirror`,
 A download streams into `<dest>.partial` beside the destination, resumes it
 with an HTTP Range request (restarting cleanly when the server ignores Range),
 hashes while streaming, checks the sha256 when it is known, then fsyncs and
-renames atomically: the destination is either absent or complete.
+renames atomically: the destination is either absent or complete. The digest is
+kept beside it (`<file>.sha256.json`, `converters.digest.record`), so that a
+conversion of the cached file does not hash it again.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from checkpoints.catalog import Entry, lookup
+from converters.digest import record, recorded
 from converters.errors import InputError
 from converters.export import fsync_path
 
@@ -88,6 +91,16 @@ def cached_path(entry: Entry) -> Path | None:
     """Return the cached file of `entry` when it is present, else None (a `.partial` does not count)."""
     path = cache_dir() / entry.filename
     return path if path.is_file() else None
+
+
+def cached_digest(path: Path) -> str | None:
+    """The sha256 this cache's download recorded for `path` while the file is unchanged since, else
+    None. Only files inside the cache folder qualify: elsewhere nothing vouches for a record."""
+    try:
+        inside = Path(path).resolve().parent == cache_dir().resolve()
+    except OSError:
+        return None
+    return recorded(Path(path)) if inside else None
 
 
 def entry_url(entry: Entry) -> str:
@@ -144,6 +157,7 @@ def fetch(
         f.flush()
         os.fsync(f.fileno())
         os.replace(partial, dest)
+    record(dest, got)  # every byte was hashed as it arrived: a conversion need not read it again
     with contextlib.suppress(OSError):  # some filesystems refuse to fsync a folder: harmless here
         fsync_path(dest.parent)
     return dest

@@ -2,13 +2,18 @@
 
 The source's digest (provenance, up-to-date checks) runs on its own thread
 from the first moment of a conversion: the output's hash cannot pass the
-header, which records it, until it is known.
+header, which records it, until it is known. A download already hashed every
+byte as it arrived; `record` keeps that digest beside the file and `recorded`
+gives it back while the file is unchanged, so a cached checkpoint is not read
+twice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -16,6 +21,7 @@ from pathlib import Path
 # Digests of the files this process has just written, so SHA256SUMS does not read
 # them back: path → (inode, size, mtime_ns, sha256). A file changed since no longer matches.
 _WRITTEN: dict[str, tuple[int, int, int, str]] = {}
+SIDECAR = ".sha256.json"  # `record`'s file, beside the one it describes
 
 
 def remember(path: Path, digest: str) -> None:
@@ -35,13 +41,42 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def hash_in_background(path: Path) -> Future[str]:
+def record(path: Path, digest: str) -> None:
+    """Keep `digest` beside `path` (`<name>.sha256.json`) with the size, inode and modification
+    time it belongs to, written atomically."""
+    st = os.stat(path)
+    sidecar = path.with_name(path.name + SIDECAR)
+    staged = sidecar.with_name(sidecar.name + ".tmp")
+    staged.write_text(json.dumps({"sha256": digest, "size": st.st_size, "inode": st.st_ino,
+                                  "mtime_ns": st.st_mtime_ns}) + "\n")
+    os.replace(staged, sidecar)
+
+
+def recorded(path: Path) -> str | None:
+    """The digest `record` kept for `path`, or None when there is none or the file has changed since."""
+    try:
+        kept = json.loads(path.with_name(path.name + SIDECAR).read_text())
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or \
+            [kept.get("size"), kept.get("inode"), kept.get("mtime_ns")] != [st.st_size, st.st_ino, st.st_mtime_ns]:
+        return None
+    digest = kept.get("sha256")
+    return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def hash_in_background(path: Path, known: str | None = None) -> Future[str]:
     """`sha256_file(path)` computed on a second thread; `.result()` waits for it (and re-raises).
 
     sha256 and file reads release the GIL, so the hash of a large source overlaps
-    the imports, the child pre-parse, the header checks and the rule mapping.
+    the imports, the child pre-parse, the header checks and the rule mapping. A
+    `known` digest (one `recorded` for a download) is returned as it is.
     """
     future: Future[str] = Future()
+    if known is not None:
+        future.set_result(known)
+        return future
 
     def run() -> None:
         try:

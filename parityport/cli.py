@@ -25,15 +25,16 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------
 # convert / parity
 
-def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> tuple[Path, bool]:
+def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> tuple[Path, bool, str | None]:
     """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout when the
-    catalog file cannot be had. Returns (path, is_synthetic)."""
+    catalog file cannot be had. Returns (path, is_synthetic, the sha256 its download recorded)."""
     if Path(name).expanduser().exists():  # a file: no catalog, no downloader (and no numpy) needed
-        return Path(name).expanduser(), False
-    from checkpoints.download import resolve
+        return Path(name).expanduser(), False, None
+    from checkpoints.download import cached_digest, resolve
 
     try:
-        return resolve(name), False
+        path = resolve(name)
+        return path, False, cached_digest(path)
     except InputError as e:
         if not synthetic_if_offline:
             raise
@@ -45,7 +46,7 @@ def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> t
         _say(f"parityport: {e.problem}")
         _say(f"parityport: NOT the real weights: converting a synthetic file in the exact "
              f"{entry.name} layout (random values): {path}")
-        return path, True
+        return path, True, None
 
 
 def _progress(total_bytes: int, label: str):
@@ -59,10 +60,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from converters.digest import hash_in_background
 
     dest = Path(args.out)
-    src, synthetic = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
+    src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
     # First, before numpy loads: the output's hash waits for this one (hashlib releases the GIL).
     identity = _identity(src)
-    digest = hash_in_background(src)
+    digest = hash_in_background(src, known)
 
     from converters.export import check_destination, commit, staging, up_to_date, write_model
     from converters.readers.isolate import open_isolated

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import random
 import re
 import socket
@@ -258,3 +260,49 @@ def test_resolve_rejects_unknown_names_and_missing_paths(tmp_path: Path) -> None
     with pytest.raises(InputError) as caught:
         resolve(missing)
     assert str(caught.value) == f"{missing}: no such file, and not a catalog name (parityport catalog lists them)"
+
+
+def test_a_download_records_its_digest_for_as_long_as_the_file_is_unchanged(server: str, tmp_path: Path) -> None:
+    from checkpoints.download import cached_digest
+    from converters.digest import recorded
+
+    dest = cache_dir() / "file.npz"
+    fetch(f"{server}/range/a.npz", dest, progress=False, timeout=5)
+    assert cached_digest(dest) == SHA
+    assert json.loads((cache_dir() / "file.npz.sha256.json").read_text())["sha256"] == SHA
+    os.utime(dest, ns=(1, 1))  # rewritten (or touched) since: no longer vouched for
+    assert cached_digest(dest) is None
+    outside = tmp_path / "elsewhere.npz"
+    outside.write_bytes(BODY)
+    (tmp_path / "elsewhere.npz.sha256.json").write_text((cache_dir() / "file.npz.sha256.json").read_text())
+    assert recorded(outside) is None  # another file's record
+    fetch(f"{server}/range/a.npz", tmp_path / "fetched.npz", progress=False, timeout=5)
+    assert recorded(tmp_path / "fetched.npz") == SHA
+    assert cached_digest(tmp_path / "fetched.npz") is None  # outside the cache nothing vouches for it
+
+
+def test_converting_a_cached_download_does_not_hash_it_again(tiny_npz: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    """The digest recorded while downloading is the source's sha256 in the output; the file is not read for it."""
+    import shutil
+
+    from safetensors import safe_open
+
+    import converters.digest as digest
+    from parityport.cli import main
+
+    cached = cache_dir() / "BiT-M-R50x1-ILSVRC2012.npz"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(tiny_npz, cached)
+    true = hashlib.sha256(cached.read_bytes()).hexdigest()
+    digest.record(cached, true)
+    hash_file = digest.sha256_file
+
+    def never_the_source(path: Path) -> str:
+        assert Path(path) != cached, "the cached source was hashed again"
+        return hash_file(path)
+
+    monkeypatch.setattr(digest, "sha256_file", never_the_source)
+    assert main(["convert", "BiT-M-R50x1-ILSVRC2012", "--out", str(tmp_path / "out"), "--no-parity"]) == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="numpy") as f:
+        assert f.metadata()["source_sha256"] == true
