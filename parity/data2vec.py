@@ -5,7 +5,8 @@ SOURCE: our PyTorch reference in the ORIGINAL names on the original tensors
 converted folder as users load it (transformers' Data2VecVision; for 2.0 our
 custom model through `trust_remote_code`), read through forward hooks. PEERS:
 timm's BEiT filled by timm's own `checkpoint_filter_fn` from the original
-weights (1.0), and the Flax ports on the CONVERTED weights (both versions).
+weights (1.0), and the Flax ports on the CONVERTED weights (both versions,
+classifiers and pretrained encoders alike, built as the target is).
 
 Taps, in forward order: "patch_embed" (B, N+1, C: the first block's input),
 "blocks.0" … "blocks.{L-1}" (2.0: prenet blocks first), "norm" (1.0
@@ -126,16 +127,20 @@ def d2v1_timm_peer(checkpoint: Checkpoint, config: Mapping) -> Side:
 
 
 def d2v1_flax_peer(folder: Path, config: Mapping) -> Side:
-    """The Flax port of Data2VecVisionForImageClassification on the converted weights."""
+    """The Flax port on the converted weights, built as the target is: the classifier for a
+    fine-tuned folder, the bare encoder (`Data2VecVisionModel`, ending at "norm") otherwise."""
     from reference import data2vec1_flax as fx
 
+    finetuned = bool(config["use_mean_pooling"])
     cfg = fx.Config(dim=config["hidden_size"], depth=config["num_hidden_layers"],
                     heads=config["num_attention_heads"], mlp_hidden=config["intermediate_size"],
                     patch=config["patch_size"], image=config["image_size"],
-                    num_classes=len(config["id2label"]), layer_norm_eps=config["layer_norm_eps"])
-    order = ["patch_embed", *_block_taps("", cfg.depth), "pooled", "logits"]
+                    num_classes=len(config.get("id2label", {})), layer_norm_eps=config["layer_norm_eps"],
+                    use_mean_pooling=finetuned)
+    model = fx.Data2Vec1Flax(cfg) if finetuned else fx.Data2Vec1FlaxModel(cfg)
+    order = ["patch_embed", *_block_taps("", cfg.depth), *(["pooled", "logits"] if finetuned else ["norm"])]
     params = fx.params_from_state_dict(_folder_arrays(folder))
-    return _flax_side(fx.Data2Vec1Flax(cfg), params, order, "flax port (converted weights)")
+    return _flax_side(model, params, order, "flax port (converted weights)")
 
 
 # ----------------------------------------------------------------------------- data2vec 2.0
@@ -183,20 +188,22 @@ def d2v2_target(folder: Path, config: Mapping) -> Side:
 
 
 def d2v2_flax_peer(folder: Path, config: Mapping) -> Side:
-    """The Flax port of the custom model on the converted weights."""
+    """The Flax port of the custom model on the converted weights, built as the target is: the
+    classifier for a fine-tuned folder, the bare encoder (`Data2Vec2VisionModel`, no pooler) otherwise."""
     from reference import data2vec2_flax as fx
 
+    finetuned = bool(config.get("use_mean_pooling", True))
     cfg = fx.Config(dim=config["hidden_size"], depth=config["num_hidden_layers"],
                     heads=config["num_attention_heads"], mlp_hidden=config["intermediate_size"],
                     patch=config["patch_size"], image=config["image_size"],
-                    num_classes=len(config["id2label"]), layer_norm_first=config["layer_norm_first"],
+                    num_classes=len(config.get("id2label", {})), layer_norm_first=config["layer_norm_first"],
                     layer_norm_eps=config["layer_norm_eps"],
-                    pooler_layer_norm_eps=config["pooler_layer_norm_eps"])
+                    pooler_layer_norm_eps=config["pooler_layer_norm_eps"], use_mean_pooling=finetuned)
+    model = fx.Data2Vec2Flax(cfg) if finetuned else fx.Data2Vec2FlaxModel(cfg)
     norm = ["norm"] if cfg.layer_norm_first else []
-    order = ["patch_embed", *_block_taps("", cfg.depth), *norm, "pooled", "logits"]
+    order = ["patch_embed", *_block_taps("", cfg.depth), *norm, *(["pooled", "logits"] if finetuned else [])]
     params = fx.params_from_state_dict(_folder_arrays(folder))
-    return _flax_side(fx.Data2Vec2Flax(cfg), params, order, "flax port (converted weights)")
-
+    return _flax_side(model, params, order, "flax port (converted weights)")
 
 
 # ----------------------------------------------------------------------------- the two parity runs
@@ -220,11 +227,8 @@ def data2vec1_parity(checkpoint: Checkpoint, conversion: Conversion, folder: Pat
     """
     strict_numerics()
     cfg, notes = conversion.config, list(conversion.notes)
-    builders = [(lambda: d2v1_timm_peer(checkpoint, cfg), "float32")]  # timm reads the original weights
-    if cfg["use_mean_pooling"]:
-        builders.append((lambda: d2v1_flax_peer(folder, cfg), dtype))  # Flax reads the converted ones
-    else:
-        notes.append("The Flax port covers the fine-tuned classifier only; no Flax peer for the pretrained encoder.")
+    builders = [(lambda: d2v1_timm_peer(checkpoint, cfg), "float32"),  # timm reads the original weights
+                (lambda: d2v1_flax_peer(folder, cfg), dtype)]  # Flax reads the converted ones
     others = [(d2v1_target(folder, cfg), dtype), *_peers(builders, notes)]
     inputs = standard_inputs([(cfg["image_size"], cfg["image_size"])], MEAN_1, STD_1)
     report = run_parity(d2v1_source(checkpoint), others, inputs, family="data2vec1", variant=conversion.variant)
@@ -236,11 +240,7 @@ def data2vec2_parity(checkpoint: Checkpoint, conversion: Conversion, folder: Pat
     """fairseq-semantics PyTorch reference vs the custom transformers model; the Flax port as peer."""
     strict_numerics()
     cfg, notes = conversion.config, list(conversion.notes)
-    builders = []
-    if cfg.get("use_mean_pooling", True):
-        builders.append((lambda: d2v2_flax_peer(folder, cfg), dtype))
-    else:
-        notes.append("The Flax port covers the fine-tuned classifier only; no Flax peer for the pretrained encoder.")
+    builders = [(lambda: d2v2_flax_peer(folder, cfg), dtype)]
     others = [(d2v2_target(folder, cfg), dtype), *_peers(builders, notes)]
     inputs = standard_inputs([(cfg["image_size"], cfg["image_size"])], MEAN_2, STD_2)
     report = run_parity(d2v2_source(checkpoint, cfg), others, inputs, family="data2vec2",

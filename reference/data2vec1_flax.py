@@ -1,13 +1,15 @@
 """data2vec 1.0 vision in JAX/Flax, on the CONVERTED transformers weights.
 
-The module tree spells `Data2VecVisionForImageClassification`'s state-dict
-names (`data2vec_vision.encoder.layer.N.attention.attention.query`, `lambda_1`,
-`pooler.layernorm`, `classifier`, ...), so `params_from_state_dict` is generic:
+The module tree spells the state-dict names of `Data2VecVisionForImageClassification`
+(`data2vec_vision.encoder.layer.N.attention.attention.query`, `lambda_1`,
+`pooler.layernorm`, `classifier`, ...) and, without the classifier and the
+`data2vec_vision.` prefix, of `Data2VecVisionModel` (the pretrained encoder:
+`encoder.layer.N...`, `layernorm`), so `params_from_state_dict` is generic:
 a numeric segment joins its parent (`layer.0` → `layer_0`), Linear/Conv
 `weight` becomes a transposed `kernel`, LayerNorm `weight` becomes `scale`.
 Same math and taps as reference/data2vec1_torch.py: "patch_embed",
-"blocks.0" … "blocks.{L-1}", "pooled", "logits". Every matmul and conv runs at
-precision HIGHEST.
+"blocks.0" … "blocks.{L-1}", then "pooled", "logits" (classifier) or "norm"
+(pretrained encoder). Every matmul and conv runs at precision HIGHEST.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 @dataclass(frozen=True)
 class Config:
-    """Shape of a data2vec 1.0 classifier (fine-tuned, per-layer relative position tables)."""
+    """Shape of a data2vec 1.0 model (per-layer relative position tables).
+
+    `use_mean_pooling` is transformers' flag: True (fine-tuned) makes the final
+    `layernorm` an identity and the pooler a LayerNorm of the mean patch token;
+    False (pretrained) normalises every token in `layernorm` and pools the cls token.
+    """
 
     dim: int = 768
     depth: int = 12
@@ -34,8 +41,9 @@ class Config:
     mlp_hidden: int = 3072
     patch: int = 16
     image: int = 224
-    num_classes: int = 1000
+    num_classes: int = 1000  # 0: the pretrained encoder (no classifier)
     layer_norm_eps: float = 1e-6  # the original's eps; the hub configs say 1e-12
+    use_mean_pooling: bool = True
 
 
 # ----------------------------------------------------------------------------- weights
@@ -186,21 +194,38 @@ class Encoder(nn.Module):
 
 
 class Pooler(nn.Module):
+    """LayerNorm of the mean patch token (mean pooling), else the cls token as it is."""
+
     cfg: Config
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if not self.cfg.use_mean_pooling:
+            return x[:, 0]                                                          # B, C
         return layer_norm(self.cfg, "layernorm")(x[:, 1:].mean(axis=1))             # B, C (cls excluded)
 
 
-class Backbone(nn.Module):
+class Data2Vec1FlaxModel(nn.Module):
+    """`Data2VecVisionModel` in Flax; returns the taps dict (input NCHW).
+
+    The final `layernorm` (tap "norm") exists only without mean pooling, as
+    transformers makes it an identity otherwise; the pooler (tap "pooled") only
+    with `add_pooling_layer`, off by default as in transformers (AutoModel).
+    """
+
     cfg: Config
+    add_pooling_layer: bool = False
 
     @nn.compact
-    def __call__(self, pixels: jnp.ndarray, taps: dict) -> jnp.ndarray:
+    def __call__(self, pixels: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        taps: dict[str, jnp.ndarray] = {}
         x = taps["patch_embed"] = Embeddings(self.cfg, name="embeddings")(pixels)
         x = Encoder(self.cfg, name="encoder")(x, taps)
-        return Pooler(self.cfg, name="pooler")(x)
+        if not self.cfg.use_mean_pooling:
+            x = taps["norm"] = layer_norm(self.cfg, "layernorm")(x)
+        if self.add_pooling_layer:
+            taps["pooled"] = Pooler(self.cfg, name="pooler")(x)
+        return taps
 
 
 class Data2Vec1Flax(nn.Module):
@@ -210,7 +235,6 @@ class Data2Vec1Flax(nn.Module):
 
     @nn.compact
     def __call__(self, pixels: jnp.ndarray) -> dict[str, jnp.ndarray]:
-        taps: dict[str, jnp.ndarray] = {}
-        taps["pooled"] = Backbone(self.cfg, name="data2vec_vision")(pixels, taps)
+        taps = Data2Vec1FlaxModel(self.cfg, add_pooling_layer=True, name="data2vec_vision")(pixels)
         taps["logits"] = dense(self.cfg.num_classes, "classifier")(taps["pooled"])
         return taps

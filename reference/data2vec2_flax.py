@@ -4,10 +4,12 @@ The module tree spells `Data2Vec2VisionForImageClassification`'s names
 (reference/data2vec2_hf: `data2vec2.embeddings.{cls_token, position_embeddings,
 patch_embeddings.projection, layernorm}`, `data2vec2.encoder.layer.N.{attention_norm,
 attention.qkv, attention.projection, mlp_norm, mlp.fc1, mlp.fc2}`,
-`data2vec2.layernorm`, `data2vec2.pooler.layernorm`, `classifier`); weights
-come in through data2vec1_flax.params_from_state_dict's generic rules. Same
-math and taps as reference/data2vec2_torch.py: "patch_embed", "blocks.i"
-(prenet blocks first), "norm" (pre-norm models only), "pooled", "logits".
+`data2vec2.layernorm`, `data2vec2.pooler.layernorm`, `classifier`) and, without
+the classifier and the `data2vec2.` prefix, `Data2Vec2VisionModel`'s (the
+pretrained encoder, no pooler); weights come in through
+data2vec1_flax.params_from_state_dict's generic rules. Same math and taps as
+reference/data2vec2_torch.py: "patch_embed", "blocks.i" (prenet blocks first),
+"norm" (pre-norm models only), then "pooled", "logits" (classifier only).
 Every matmul and conv runs at precision HIGHEST.
 """
 
@@ -21,12 +23,15 @@ import jax.numpy as jnp
 
 from reference.data2vec1_flax import HIGHEST, PatchEmbeddings, dense, layer_norm, params_from_state_dict
 
-__all__ = ["Config", "Data2Vec2Flax", "params_from_state_dict"]
+__all__ = ["Config", "Data2Vec2Flax", "Data2Vec2FlaxModel", "params_from_state_dict"]
 
 
 @dataclass(frozen=True)
 class Config:
-    """Shape of a data2vec 2.0 classifier; `depth` counts prenet and shared blocks together."""
+    """Shape of a data2vec 2.0 model; `depth` counts prenet and shared blocks together.
+
+    `use_mean_pooling=False` is the pretrained encoder: no pooler by default.
+    """
 
     dim: int = 768
     depth: int = 12
@@ -34,10 +39,11 @@ class Config:
     mlp_hidden: int = 3072
     patch: int = 16
     image: int = 224
-    num_classes: int = 1000
+    num_classes: int = 1000  # 0: the pretrained encoder (no classifier)
     layer_norm_first: bool = False  # False (post-norm) in every released image model
     layer_norm_eps: float = 1e-6    # Data2VecMultiConfig.norm_eps
     pooler_layer_norm_eps: float = 1e-6  # fc_norm's hard-coded eps
+    use_mean_pooling: bool = True
 
 
 class Embeddings(nn.Module):
@@ -119,16 +125,28 @@ class Pooler(nn.Module):
         return ln(x[:, 1:].mean(axis=1))                                               # B, C (cls excluded)
 
 
-class Backbone(nn.Module):
+class Data2Vec2FlaxModel(nn.Module):
+    """`Data2Vec2VisionModel` in Flax; returns the taps dict (input NCHW).
+
+    The final `layernorm` (tap "norm") exists only in pre-norm models: a
+    post-norm encoder ends at its last block, already LayerNorm-ed. The pooler
+    (tap "pooled") follows `add_pooling_layer`, by default `cfg.use_mean_pooling`.
+    """
+
     cfg: Config
+    add_pooling_layer: bool | None = None
 
     @nn.compact
-    def __call__(self, pixels: jnp.ndarray, taps: dict) -> jnp.ndarray:
+    def __call__(self, pixels: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        pool = self.cfg.use_mean_pooling if self.add_pooling_layer is None else self.add_pooling_layer
+        taps: dict[str, jnp.ndarray] = {}
         x = taps["patch_embed"] = Embeddings(self.cfg, name="embeddings")(pixels)
         x = Encoder(self.cfg, name="encoder")(x, taps)
         if self.cfg.layer_norm_first:
             x = taps["norm"] = layer_norm(self.cfg, "layernorm")(x)
-        return Pooler(self.cfg, name="pooler")(x)
+        if pool:
+            taps["pooled"] = Pooler(self.cfg, name="pooler")(x)
+        return taps
 
 
 class Data2Vec2Flax(nn.Module):
@@ -138,9 +156,6 @@ class Data2Vec2Flax(nn.Module):
 
     @nn.compact
     def __call__(self, pixels: jnp.ndarray) -> dict[str, jnp.ndarray]:
-        taps: dict[str, jnp.ndarray] = {}
-        taps["pooled"] = Backbone(self.cfg, name="data2vec2")(pixels, taps)
+        taps = Data2Vec2FlaxModel(self.cfg, add_pooling_layer=True, name="data2vec2")(pixels)
         taps["logits"] = dense(self.cfg.num_classes, "classifier")(taps["pooled"])
         return taps
-
-

@@ -57,6 +57,28 @@ def assert_taps(report: dict, budgets: dict[str, float], role: str = "target") -
     return worst
 
 
+FLAX_PEER = "flax port (converted weights)"
+
+
+def assert_flax_peer(report: dict, taps: list[str]) -> dict[str, float]:
+    """The Flax peer ran on every input the target ran on, with exactly `taps` in forward order,
+    each within its report limit (parity/compare.py) and the Flax budget.
+
+    Returns the worst max-abs per tap (over inputs) for the failure messages and the record.
+    """
+    flax = [r for r in runs(report, "peer") if r["side"] == FLAX_PEER]
+    assert flax and {r["input"] for r in flax} == {r["input"] for r in runs(report, "target")}, report["notes"]
+    worst: dict[str, float] = {}
+    for run in flax:
+        assert [t["tap"] for t in run["taps"]] == taps, run["input"]
+        for tap in run["taps"]:
+            where = f"flax {run['input']} {tap['tap']}: max-abs {tap['max_abs']:.2e} max-rel {tap['max_rel']:.2e}"
+            assert tap["max_abs"] <= min(tap["limit"], FLAX), where
+            worst[tap["tap"]] = max(worst.get(tap["tap"], 0.0), tap["max_abs"])
+        assert run["passed"] and run["first_diverging_tap"] is None, run["input"]
+    return worst
+
+
 def convert(src: Path, out: Path, *flags: str) -> Path:
     assert main(["convert", str(src), "--out", str(out), *flags]) == 0
     return out
@@ -139,9 +161,13 @@ def test_d2v1_pretrained_is_a_data2vec_vision_model_with_pretraining_keys_droppe
     _, folder = d2v1_pretrained
     report = report_of(folder)
     assert report["passed"]
-    assert [t["tap"] for t in report["runs"][0]["taps"]] == ["patch_embed", "blocks.0", "blocks.1", "norm"]
+    taps = [t["tap"] for t in report["runs"][0]["taps"]]
+    assert taps == ["patch_embed", "blocks.0", "blocks.1", "norm"]
     assert_taps(report, {"norm": D2V1_LOGITS})
+    assert {r["side"] for r in runs(report, "peer")} == {"timm Beit (timm's checkpoint_filter_fn)", FLAX_PEER}
     assert_taps(report, {"norm": FLAX}, role="peer")
+    assert_flax_peer(report, taps)
+    assert not any(n.startswith("peer not run") for n in report["notes"]), report["notes"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["Data2VecVisionModel"] and config["use_mean_pooling"] is False
     notes = report["notes"]
@@ -238,7 +264,8 @@ def test_d2v2_pretrained_is_a_headless_encoder_with_pretraining_keys_dropped(d2v
     end = ["norm"] if cfg.layer_norm_first else []
     assert taps == ["patch_embed", "blocks.0", "blocks.1", "blocks.2", *end]
     assert_taps(report, {tap: D2V2_LOGITS for tap in taps})
-    assert not runs(report, "peer")
+    assert {r["side"] for r in runs(report, "peer")} == {FLAX_PEER}, report["notes"]
+    assert_flax_peer(report, taps)
 
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["Data2Vec2VisionModel"] and config["use_mean_pooling"] is False

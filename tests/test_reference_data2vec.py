@@ -49,13 +49,19 @@ def assert_tap(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rt
 
 
 def d2v1_to_transformers(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Hand mapping original 1.0 names → Data2VecVisionForImageClassification (per-layer tables)."""
-    p = "data2vec_vision."
+    """Hand mapping original 1.0 names (per-layer tables) → Data2VecVisionForImageClassification, or
+    for a pretrained dict → Data2VecVisionModel (`norm` → `layernorm`; lm_head, mask_token dropped)."""
+    finetuned = "head.weight" in sd
+    p = "data2vec_vision." if finetuned else ""
     out = {p + "embeddings.cls_token": sd["cls_token"],
            p + "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-           p + "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-           p + "pooler.layernorm.weight": sd["fc_norm.weight"], p + "pooler.layernorm.bias": sd["fc_norm.bias"],
-           "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
+           p + "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"]}
+    if finetuned:
+        out.update({p + "pooler.layernorm.weight": sd["fc_norm.weight"],
+                    p + "pooler.layernorm.bias": sd["fc_norm.bias"],
+                    "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]})
+    else:
+        out.update({"layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]})
     renames = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
                "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
     for i in range(depth):
@@ -340,6 +346,66 @@ def test_d2v1_flax_equals_torch() -> None:
     model = flax_d2v1.Data2Vec1Flax(flax_d2v1.Config(dim=64, depth=2, heads=4, mlp_hidden=256, patch=16,
                                                      image=64, num_classes=10))
     _flax_compare(flax_d2v1, model, taps, d2v1_to_transformers(sd, TINY1.depth), x)
+
+
+def test_d2v1_flax_encoder_equals_torch_pretrained() -> None:
+    """The bare Flax encoder (`Data2VecVisionModel`: no pooler, `layernorm` on every token) ends at "norm"."""
+    flax_d2v1 = pytest.importorskip("reference.data2vec1_flax")
+    sd = synth.d2v1_state_dict(TINY1, seed=13, shared_rel_pos=False, finetuned=False)
+    x = pixels(9)
+    with torch.no_grad():
+        taps = d2v1.from_original(sd)(x)
+    assert list(taps)[-1] == "norm"
+    model = flax_d2v1.Data2Vec1FlaxModel(flax_d2v1.Config(dim=64, depth=2, heads=4, mlp_hidden=256, patch=16,
+                                                          image=64, num_classes=0, use_mean_pooling=False))
+    _flax_compare(flax_d2v1, model, taps, d2v1_to_transformers(sd, TINY1.depth), x)
+
+
+def test_d2v1_flax_pooler_pools_as_transformers() -> None:
+    """`add_pooling_layer`: the cls token without mean pooling, LayerNorm of the mean patch token with it."""
+    from transformers import Data2VecVisionConfig, Data2VecVisionModel
+
+    flax_d2v1 = pytest.importorskip("reference.data2vec1_flax")
+    x = pixels(10)
+    for mean_pooling in (False, True):
+        sd = synth.d2v1_state_dict(TINY1, seed=14, shared_rel_pos=False, finetuned=mean_pooling)
+        hf_sd = {k.removeprefix("data2vec_vision."): v for k, v in d2v1_to_transformers(sd, TINY1.depth).items()
+                 if not k.startswith("classifier.")}
+        config = Data2VecVisionConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, image_size=64,
+            patch_size=16, layer_norm_eps=1e-6, use_relative_position_bias=True,
+            use_absolute_position_embeddings=False, use_mean_pooling=mean_pooling, layer_scale_init_value=0.1)
+        hf = Data2VecVisionModel(config, add_pooling_layer=True).eval()
+        missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
+        assert not unexpected and all("relative_position_index" in k for k in missing), (missing, unexpected)
+        with torch.no_grad():
+            out = hf(x, output_hidden_states=True)
+        want = {"patch_embed": out.hidden_states[0],
+                **{f"blocks.{i}": out.hidden_states[i + 1] for i in range(TINY1.depth)},
+                **({} if mean_pooling else {"norm": out.last_hidden_state}), "pooled": out.pooler_output}
+        model = flax_d2v1.Data2Vec1FlaxModel(flax_d2v1.Config(dim=64, depth=2, heads=4, mlp_hidden=256, patch=16,
+                                                              image=64, use_mean_pooling=mean_pooling),
+                                             add_pooling_layer=True)
+        _flax_compare(flax_d2v1, model, want, hf_sd, x)
+
+
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+def test_d2v2_flax_encoder_equals_torch_pretrained(layer_norm_first: bool) -> None:
+    """The bare Flax encoder (`Data2Vec2VisionModel`, no pooler) ends at "norm" (pre-norm) or its last block."""
+    flax_d2v2 = pytest.importorskip("reference.data2vec2_flax")
+    cfg = replace(TINY2, num_classes=0, layer_norm_first=layer_norm_first)
+    sd = {k: v for k, v in synth.d2v2_state_dict(cfg, seed=15, finetuned=False).items()
+          if k != "_ema" and ".decoder." not in k}
+    x = pixels(11)
+    with torch.no_grad():
+        taps = d2v2.from_original(sd, heads=4)(x)
+    assert list(taps)[-1] == ("norm" if layer_norm_first else f"blocks.{cfg.prenet_depth + cfg.depth - 1}")
+    model = flax_d2v2.Data2Vec2FlaxModel(flax_d2v2.Config(dim=64, depth=cfg.prenet_depth + cfg.depth, heads=4,
+                                                          mlp_hidden=256, patch=16, image=64, num_classes=0,
+                                                          layer_norm_first=layer_norm_first,
+                                                          use_mean_pooling=False))
+    hf_sd = {k.removeprefix("data2vec2."): v for k, v in d2v2_to_custom(sd, cfg.prenet_depth).items()}
+    _flax_compare(flax_d2v2, model, taps, hf_sd, x)
 
 
 @pytest.mark.parametrize("layer_norm_first", [False, True])
