@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from converters.errors import InputError
 from converters.family import Conversion
 from converters.rules import Compose, Rename, Reshape, Rule, Transpose, apply_rules
@@ -254,7 +256,7 @@ def convert(checkpoint: Checkpoint) -> Conversion:
                       mapped.dropped, notes)
 
 
-def source_arrays(checkpoint: Checkpoint) -> dict[str, "np.ndarray"]:
+def source_arrays(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
     """The original arrays under npz names and layouts, for the source-side reference.
 
     `.h5` weights are named by position and the Dense head (C,K) becomes the

@@ -271,11 +271,13 @@ class _Sink:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if exc[0] is None and self._pos > self._block_start:
-                self._dispatch()  # the last, partial block
-            self._to_write.put(None)
-            for thread in self._threads:
-                thread.join()
+            try:
+                if exc[0] is None and self._pos > self._block_start:
+                    self._dispatch()  # the last, partial block
+            finally:  # the threads end however this does
+                self._to_write.put(None)
+                for thread in self._threads:
+                    thread.join()
             if exc[0] is not None:
                 return
             self._raise()

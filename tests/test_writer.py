@@ -126,6 +126,9 @@ def test_write_error_on_the_writer_thread_reaches_the_caller(tmp_path, monkeypat
     monkeypatch.setattr(writer, "_pwrite_all", full)
     with pytest.raises(OSError, match="No space"):
         write_safetensors(tmp_path / "x.safetensors", {"a": LazyTensor.of(np.ones(4, np.float32))})
+    import threading
+
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("safetensors-")]  # none left waiting
 
 
 def test_pipelined_writes_never_hold_more_than_the_largest_tensor(tmp_path, monkeypatch):
@@ -270,3 +273,23 @@ def test_nonfinite_found_in_every_float_width(tmp_path, dtype, bad):
     values[[0, (1 << 19) + 1, -1]] = bad
     with pytest.raises(InputError, match=r"^w: 3 non-finite values \(NaN or Inf\)"):
         write_safetensors(tmp_path / "m.safetensors", {"w": LazyTensor.of(values)}, dtype=None)
+
+
+def test_a_write_error_found_at_the_end_still_ends_both_threads(tmp_path, monkeypatch):
+    """The error surfaces while the last block is handed over: the threads must still be told to stop."""
+    import errno
+    import threading
+    import time
+
+    monkeypatch.setattr(writer, "_BLOCK", 8192)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "_pwrite_all", full)
+    one_block_and_a_tail = np.ones(8192 // 4 + 100, np.float32)
+    with pytest.raises(OSError, match="No space"):  # the first block fails while the tail waits
+        write_safetensors(tmp_path / "x.safetensors", {"a": LazyTensor.of(one_block_and_a_tail)},
+                          on_tensor=lambda name, n: time.sleep(0.2))
+    time.sleep(0.1)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("safetensors-")]
