@@ -42,6 +42,7 @@ _ALIGN = 4096      # file offsets, lengths and addresses of direct writes are mu
 _PENDING = 2       # full blocks waiting for each of the write and hash threads
 _WRITE = 512 << 10  # bytes per buffered pwrite: 2 MiB and larger calls measured 5-10x slower here
 _DIRECT = hasattr(os, "O_DIRECT")  # write around the page cache where the file system allows it
+DIRECT_IO_ENV = "PARITYPORT_DIRECT_IO"  # "0": always write through the page cache (network file systems)
 _BF16_NAN = 0x7FC0  # the quiet NaN torch's scalar float → bfloat16 conversion produces
 
 
@@ -416,7 +417,7 @@ def _round_up(n: int, step: int) -> int:
 def _open_for_writing(path: Path) -> tuple[int, bool]:
     """A new file descriptor for `path` (created or truncated), and whether it writes directly."""
     flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-    if _DIRECT:
+    if _DIRECT and os.environ.get(DIRECT_IO_ENV, "1") != "0":
         try:
             return os.open(path, flags | os.O_DIRECT, 0o666), True
         except OSError as error:

@@ -293,3 +293,16 @@ def test_a_write_error_found_at_the_end_still_ends_both_threads(tmp_path, monkey
                           on_tensor=lambda name, n: time.sleep(0.2))
     time.sleep(0.1)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("safetensors-")]
+
+
+def test_direct_io_can_be_turned_off(tmp_path, monkeypatch):
+    """Network file systems may write each direct block synchronously: PARITYPORT_DIRECT_IO=0 opts out."""
+    monkeypatch.setattr(writer, "_DIRECT", True)
+    fd, direct = writer._open_for_writing(tmp_path / "a")
+    os_direct = bool(writer.os.O_DIRECT & writer.fcntl.fcntl(fd, writer.fcntl.F_GETFL))
+    writer.os.close(fd)
+    assert direct == os_direct  # on, where /tmp's file system takes it
+    monkeypatch.setenv(writer.DIRECT_IO_ENV, "0")
+    fd, direct = writer._open_for_writing(tmp_path / "b")
+    assert not direct and not writer.os.O_DIRECT & writer.fcntl.fcntl(fd, writer.fcntl.F_GETFL)
+    writer.os.close(fd)
