@@ -1,4 +1,5 @@
-"""Large scratch buffers backed by transparent huge pages, recycled once their arrays are gone.
+"""Large scratch buffers backed by transparent huge pages, recycled once their arrays are gone;
+read-only mappings of file ranges.
 
 Each first touch of fresh memory costs a page fault per 4 KiB page, and in a
 virtual machine a fault is expensive: reading a 2 GB checkpoint into fresh numpy
@@ -79,3 +80,14 @@ def release() -> None:
     with _lock:
         for mappings in _pools.values():
             _reuse(mappings, 1 << 62)
+
+
+def map_file(fd: int, offset: int, nbytes: int) -> np.ndarray:
+    """`nbytes` of an open file from `offset`, mapped private and read-only (uint8): the page
+    cache's own pages, no copy and no fresh memory. The caller checks the file holds them all;
+    a file truncated while mapped ends the process with SIGBUS, as with any mapped loader."""
+    if nbytes == 0:
+        return np.empty(0, np.uint8)
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+    mapping = mmap.mmap(fd, offset - base + nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=base)
+    return np.frombuffer(mapping, np.uint8, count=nbytes, offset=offset - base)

@@ -36,12 +36,13 @@ Taps = dict[str, np.ndarray]
 
 
 def _torch_weights(tensors: Mapping[str, LazyTensor]) -> dict[str, torch.Tensor]:
-    """Load lazy tensors as torch tensors, floats widened to float32 (fp16 DeepSpeed files)."""
+    """Load lazy tensors as torch tensors, floats widened to float32 (fp16 DeepSpeed files); copies,
+    since loaded arrays may be read-only views of the file."""
     out = {}
     for name, tensor in tensors.items():
         array = tensor.load()
         out[name] = torch.from_numpy(array.astype(np.float32) if np.issubdtype(array.dtype, np.floating)
-                                     else array)
+                                     else np.array(array))
     return out
 
 

@@ -323,7 +323,8 @@ def state_dict_from_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Ten
         array = np.asarray(array, dtype=np.float32)
         if array.ndim == 4:
             array = array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        state[canonical_name(name).replace("/", ".")] = torch.from_numpy(np.ascontiguousarray(array))
+        # a copy: loaded arrays may be read-only views of the file
+        state[canonical_name(name).replace("/", ".")] = torch.from_numpy(np.array(array, order="C"))
     return state
 
 

@@ -12,7 +12,6 @@ read through `zipfile`, which verifies the CRC itself.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import struct
 import zipfile
@@ -23,6 +22,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from numpy.lib import format as npy_format
 
+from converters import memory
 from converters.errors import InputError, UnsafeInputError
 from converters.tensors import Checkpoint, LazyTensor
 
@@ -286,7 +286,7 @@ def _load_stored(path: Path, member: _Member) -> np.ndarray:
             if held < member.nbytes:
                 raise InputError(path, f"member {member.name!r}: truncated after {max(held, 0)} of "
                                        f"{member.nbytes} bytes")
-            flat = _map(fd, data, member.nbytes)
+            flat = memory.map_file(fd, data, member.nbytes)
     except OSError as error:
         raise InputError(path, f"member {member.name!r}: cannot read ({_one_line(error)})") from None
     crc = zlib.crc32(head)
@@ -295,15 +295,6 @@ def _load_stored(path: Path, member: _Member) -> np.ndarray:
     if crc != member.crc:
         raise InputError(path, f"member {member.name!r}: bad CRC-32 (corrupt, or changed since it was opened)")
     return flat
-
-
-def _map(fd: int, offset: int, nbytes: int) -> np.ndarray:
-    """`nbytes` of the file from `offset`, mapped private and read-only (uint8)."""
-    if nbytes == 0:
-        return np.empty(0, np.uint8)
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
-    mapping = mmap.mmap(fd, offset - base + nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=base)
-    return np.frombuffer(mapping, np.uint8, count=nbytes, offset=offset - base)
 
 
 def _read_exact(path: Path, member: _Member, stream) -> np.ndarray:

@@ -38,7 +38,6 @@ MAX_NODES = 5_000_000           # objects visited while flattening (memo reuse c
 MAX_NDIM = 32
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-_CHUNK = 2**20
 
 # storage type -> element dtype; bfloat16 has no numpy dtype and is widened on load.
 STORAGE_DTYPES = {
@@ -760,19 +759,16 @@ def _is_contiguous(ref: _TensorRef) -> bool:
 
 
 def _read_span(path: Path, start: int, nbytes: int) -> np.ndarray:
-    out = memory.empty((nbytes,), pool="tensor")  # recycled: fresh memory costs a fault per page
-    view = memoryview(out)
+    """The bytes of a storage span, mapped from the file (`memory.map_file`) once it is known to
+    hold them all."""
     try:
         with open(path, "rb", buffering=0) as file:
-            done = 0
-            while done < nbytes:
-                got = os.preadv(file.fileno(), [view[done: done + _CHUNK]], start + done)
-                if not got:
-                    raise InputError(path, f"storage truncated at byte {start + done}")
-                done += got
+            held = os.fstat(file.fileno()).st_size - start
+            if held < nbytes:
+                raise InputError(path, f"storage truncated at byte {start + max(held, 0)}")
+            return memory.map_file(file.fileno(), start, nbytes)
     except OSError as error:
         raise InputError(path, f"cannot read ({_one_line(error)})") from None
-    return out
 
 
 def _one_line(error: BaseException) -> str:
