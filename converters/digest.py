@@ -19,36 +19,37 @@ from concurrent.futures import Future
 from pathlib import Path
 
 # Digests of the files this process has just written, so SHA256SUMS does not read
-# them back: path → (inode, size, mtime_ns, sha256). A file changed since no longer matches.
-_WRITTEN: dict[str, tuple[int, int, int, str]] = {}
+# them back: path → (identity, sha256). A file changed since no longer matches.
+_WRITTEN: dict[str, tuple[tuple[int, ...], str]] = {}
 SIDECAR = ".sha256.json"  # `record`'s file, beside the one it describes
+
+
+def identity(path: Path) -> tuple[int, ...]:
+    """What changes when a file is replaced, rewritten or truncated: device, inode, size, mtime."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def remember(path: Path, digest: str) -> None:
     """Record the digest of a file this process has just written."""
-    st = os.stat(path)
-    _WRITTEN[os.path.abspath(path)] = (st.st_ino, st.st_size, st.st_mtime_ns, digest)
+    _WRITTEN[os.path.abspath(path)] = (identity(path), digest)
 
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks (or remembered, if this process just wrote it)."""
     known = _WRITTEN.get(os.path.abspath(path))
-    if known is not None:
-        st = os.stat(path)
-        if known[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
-            return known[3]
+    if known is not None and known[0] == identity(path):
+        return known[1]
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def record(path: Path, digest: str) -> None:
-    """Keep `digest` beside `path` (`<name>.sha256.json`) with the size, inode and modification
-    time it belongs to, written atomically."""
-    st = os.stat(path)
+    """Keep `digest` beside `path` (`<name>.sha256.json`) with the `identity` of the file it
+    belongs to, written atomically."""
     sidecar = path.with_name(path.name + SIDECAR)
     staged = sidecar.with_name(sidecar.name + ".tmp")
-    staged.write_text(json.dumps({"sha256": digest, "size": st.st_size, "inode": st.st_ino,
-                                  "mtime_ns": st.st_mtime_ns}) + "\n")
+    staged.write_text(json.dumps({"sha256": digest, "identity": list(identity(path))}) + "\n")
     os.replace(staged, sidecar)
 
 
@@ -56,11 +57,10 @@ def recorded(path: Path) -> str | None:
     """The digest `record` kept for `path`, or None when there is none or the file has changed since."""
     try:
         kept = json.loads(path.with_name(path.name + SIDECAR).read_text())
-        st = os.stat(path)
+        now = list(identity(path))
     except (OSError, ValueError):
         return None
-    if not isinstance(kept, dict) or \
-            [kept.get("size"), kept.get("inode"), kept.get("mtime_ns")] != [st.st_size, st.st_ino, st.st_mtime_ns]:
+    if not isinstance(kept, dict) or kept.get("identity") != now:
         return None
     digest = kept.get("sha256")
     return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None

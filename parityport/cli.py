@@ -57,12 +57,12 @@ def _progress(total_bytes: int, label: str):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from converters.digest import hash_in_background
+    from converters.digest import hash_in_background, identity
 
     dest = Path(args.out)
     src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
     # First, before numpy loads: the output's hash waits for this one (hashlib releases the GIL).
-    identity = _identity(src)
+    source = identity(src)
     digest = hash_in_background(src, known)
 
     from converters.export import check_destination, commit, staging, up_to_date, write_model
@@ -95,19 +95,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 os.replace(tmp, failed)
                 raise CheckFailed(f"{src}: parity FAILED ({report.failure}); "
                                   f"report kept in {failed}, nothing written to {dest}")
-        if _identity(src) != identity:  # its hash, CRCs and mapped pages may disagree with each other
+        if identity(src) != source:  # its hash, CRCs and mapped pages may disagree with each other
             raise InputError(src, "changed while it was being converted; nothing was written")
         _write_card(tmp, dest)
         write_sha256sums(tmp)
         commit(tmp, dest)
     _say(f"parityport: wrote {dest}" + ("" if args.no_parity else " (parity passed)"))
     return 0
-
-
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    """What changes when a file is replaced, rewritten or truncated."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _write_card(tmp: Path, dest: Path) -> None:

@@ -37,7 +37,7 @@ MAX_HEADER_BYTES = 10_000
 MAX_NDIM = 32
 PLAIN_KINDS = "biufc"  # bool, signed, unsigned, float, complex
 _CHUNK = 2**20
-_READ_CHUNK = 8 * 2**20  # bytes read (and CRC-checked while still in cache) at a time
+_READ_CHUNK = 8 * 2**20  # bytes of a mapped member added to its CRC-32 at a time
 # A zip local file header: signature, versions, flags, method, time, date, crc, sizes, name and
 # extra lengths (zipfile.structFileHeader).
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
