@@ -10,6 +10,10 @@ then measures images/s of three pipelines in the same run on each model:
 - baseline: what timm's validate.py does — DataLoader + PIL resize/crop to uint8 in
   workers, pinned memory, normalise on the GPU, bf16 autocast, channels_last.
 
+Two more figures say what limits the fast path: its input pipeline alone (read,
+GPU decode, resize, normalise, no model) and the model alone on one resident batch
+in the fast path's settings.
+
 Models: `--model DIR` (repeatable), or randomly initialised data2vec-vision base at
 224 and BiT-R50x1 at 448 (squash) built from transformers configs (`--model-size
 tiny` builds small stand-ins instead, the default on CPU). Each pipeline gets a
@@ -32,10 +36,11 @@ import numpy as np
 import torch
 
 from parity.eval_data import EvalSet, PILDataset, find_eval_set, imagenet1k_wnids, resolve_labels
-from parity.eval_run import _progress, evaluate, load_model, prediction_agreement, worker_context
+from parity.eval_run import _fast_batches, _progress, evaluate, load_model, prediction_agreement, worker_context
 from parity.protocols import Protocol, resolve_protocol
 
 DEFAULT_CACHE = Path("checkpoints/cache/bench_eval")
+PIPELINES = ("faithful", "fast", "baseline", "fast_input_only", "model_only_bf16")
 # (long side, probability) and (aspect w/h, probability), shaped after ImageNet val's typical files
 LONG_SIDES = ([500, 400, 640, 800, 1024, 1600], [0.84, 0.04, 0.05, 0.03, 0.02, 0.02])
 ASPECTS = ([4 / 3, 3 / 4, 3 / 2, 1.0, 16 / 9, 2 / 3], [0.55, 0.15, 0.12, 0.08, 0.05, 0.05])
@@ -164,6 +169,45 @@ def baseline(model_dir: Path, eval_set: EvalSet, spec: Protocol, device: torch.d
             "top1": 100.0 * float((predictions == targets).float().mean()), "predictions": predictions.tolist()}
 
 
+# ---- what limits the fast path: its input pipeline alone, and the model alone --------------------
+
+
+def input_only(eval_set: EvalSet, spec: Protocol, device: torch.device, batch_size: int, workers: int,
+               limit: int | None = None) -> dict[str, Any]:
+    """The fast path's batches (read, GPU decode, resize, normalise) with no model: its input ceiling."""
+    count = len(eval_set.samples) if limit is None else min(limit, len(eval_set.samples))
+    start = time.perf_counter()
+    for _ in _fast_batches(eval_set, range(count), spec, device, batch_size, workers):
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+
+
+@torch.inference_mode()
+def model_only(model_dir: Path, spec: Protocol, device: torch.device, batch_size: int, steps: int = 20) -> dict[str, Any]:
+    """The model alone on one resident batch, in the fast path's settings (bf16 autocast, channels_last)."""
+    model = load_model(model_dir, device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, spec.image_size, spec.image_size, device=device).contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            model(pixel_values=x).logits.float().argmax(1)
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"images": steps * batch_size, "seconds": seconds, "images_per_s": steps * batch_size / seconds}
+
+
 # ---- the run -----------------------------------------------------------------------------------
 
 
@@ -179,11 +223,15 @@ def _measure(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any
         runs[name] = evaluate(model, data, fast=fast, compile=args.compile and fast, **common)
     baseline(model, eval_set, spec, device, args.batch_size, args.workers, limit=warm)
     runs["baseline"] = baseline(model, eval_set, spec, device, args.batch_size, args.workers)
+    input_only(eval_set, spec, device, args.batch_size, args.workers, limit=warm)
+    runs["fast_input_only"] = input_only(eval_set, spec, device, args.batch_size, args.workers)
+    runs["model_only_bf16"] = model_only(model, spec, device, args.batch_size)
     keep = ("images", "images_per_s", "seconds", "top1", "failures")
     return {
         "model": str(model),
         "protocol": spec.__dict__ | {"resize_side": spec.resize_side},
         **{name: {k: run[k] for k in keep if k in run} for name, run in runs.items()},
+        "fast_vs_baseline": runs["fast"]["images_per_s"] / runs["baseline"]["images_per_s"],
         "agreement_fast_vs_faithful": prediction_agreement(runs["fast"], runs["faithful"]),
         "agreement_baseline_vs_faithful": prediction_agreement(runs["baseline"], runs["faithful"]),
     }
@@ -224,14 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         "fast_decode": "GPU (nvJPEG, batched)" if args.device.startswith("cuda") else "CPU (smoke run: not a GPU measurement)",
         "dataset": str(data),
         "note": "images_per_s is end to end (read, decode, preprocess, model, top-k) after a warm-up run; model loading excluded",
-        "runs": [_measure(model, data, args) for model in models],
+        "runs": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    for run in report["runs"]:
-        rates = ", ".join(f"{p} {run[p]['images_per_s']:.1f} img/s" for p in ("faithful", "fast", "baseline"))
-        print(f"{Path(run['model']).name}: {rates}; fast agrees with faithful on "
-              f"{run['agreement_fast_vs_faithful']['agreement']:.2f}% of images")
+    for model in models:  # the file is rewritten after each model, so a cut-short run keeps what it measured
+        run = _measure(model, data, args)
+        report["runs"].append(run)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        rates = ", ".join(f"{p} {run[p]['images_per_s']:.1f} img/s" for p in PIPELINES)
+        print(f"{Path(run['model']).name}: {rates}; fast/baseline {run['fast_vs_baseline']:.2f}x; fast agrees with "
+              f"faithful on {run['agreement_fast_vs_faithful']['agreement']:.2f}% of images", flush=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -323,7 +323,7 @@ class BytesDataset(Dataset):
         try:
             data = path.read_bytes()
             if jpeg_components(data) == 3:
-                out["data"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                out["data"] = data
             else:
                 out["image"], out["note"] = pil_tensor(path)
         except Exception as error:
@@ -339,6 +339,29 @@ def pil_tensor(path: Path) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous(), note or ""
 
 
-def collate_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep fast-path items as a list (their tensors differ in size)."""
-    return items
+def collate_packed(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pack a fast-path batch in the worker: all JPEG bytes in ONE uint8 tensor plus offsets.
+
+    A DataLoader moves each tensor of a batch through its own shared-memory segment, so
+    one packed tensor instead of one per image keeps the main process's receiving cost
+    per batch, not per image. Keys: index (long), packed (uint8), offsets (n + 1 ints;
+    image i's bytes are packed[offsets[i]:offsets[i + 1]], empty when it has none),
+    images (PIL-decoded CHW uint8 tensors or None) and notes.
+    """
+    blobs = [it["data"] or b"" for it in items]
+    offsets = [0]
+    for blob in blobs:
+        offsets.append(offsets[-1] + len(blob))
+    return {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "packed": torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if offsets[-1] else torch.empty(0, dtype=torch.uint8),
+        "offsets": offsets,
+        "images": [it["image"] for it in items],
+        "notes": [it["note"] for it in items],
+    }
+
+
+def unpack(batch: dict[str, Any]) -> list[torch.Tensor | None]:
+    """The per-image JPEG byte views of a `collate_packed` batch (None where an image has none)."""
+    offsets = batch["offsets"]
+    return [batch["packed"][a:b] if b > a else None for a, b in zip(offsets, offsets[1:])]

@@ -40,10 +40,10 @@ from parity.eval_data import (
     EvalSet,
     LabelMap,
     PILDataset,
-    collate_list,
+    collate_packed,
     find_eval_set,
-    pil_tensor,
     resolve_labels,
+    unpack,
 )
 from parity.protocols import PROTOCOL_NAMES, Protocol, batch_transform, resolve_protocol
 
@@ -90,35 +90,36 @@ def _faithful_batches(eval_set: EvalSet, indices: Sequence[int], transform: Any,
         yield pixels.to(device, non_blocking=True), index, ok, list(notes)
 
 
-def _decode(items: list[dict[str, Any]], device: torch.device) -> tuple[list[torch.Tensor | None], list[str]]:
+def _decode(batch: dict[str, Any], device: torch.device) -> tuple[list[torch.Tensor | None], list[str]]:
     """Decode a fast-path batch: JPEG bytes in one batched call on `device`, per image on failure, PIL last."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    images: list[torch.Tensor | None] = [None if it["image"] is None else it["image"].to(device, non_blocking=True) for it in items]
-    notes = [it["note"] for it in items]
-    pending = [i for i, it in enumerate(items) if it["data"] is not None]
+    data = unpack(batch)
+    images = [None if image is None else image.to(device, non_blocking=True) for image in batch["images"]]
+    notes = list(batch["notes"])
+    pending = [i for i, blob in enumerate(data) if blob is not None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # decode_jpeg's deprecation notice in favour of TorchCodec
         try:
-            decoded = decode_jpeg([items[i]["data"] for i in pending], mode=ImageReadMode.RGB, device=device)
+            decoded = decode_jpeg([data[i] for i in pending], mode=ImageReadMode.RGB, device=device)
             for i, image in zip(pending, decoded):
                 images[i] = image
         except RuntimeError:
             for i in pending:
                 try:
-                    images[i] = decode_jpeg(items[i]["data"], mode=ImageReadMode.RGB, device=device)
+                    images[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device)
                 except RuntimeError as error:
-                    images[i], notes[i] = _pil_fallback(items[i], device, error)
+                    images[i], notes[i] = _pil_fallback(data[i], device, error)
     return images, notes
 
 
-def _pil_fallback(item: dict[str, Any], device: torch.device, error: Exception) -> tuple[torch.Tensor | None, str]:
+def _pil_fallback(data: torch.Tensor, device: torch.device, error: Exception) -> tuple[torch.Tensor | None, str]:
     import io
 
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(item["data"].numpy().tobytes())) as image:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             image.load()
             array = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
         return array.permute(2, 0, 1).to(device), "GPU decode failed; PIL"
@@ -126,13 +127,12 @@ def _pil_fallback(item: dict[str, Any], device: torch.device, error: Exception) 
         return None, f"{type(error).__name__}: {error}; PIL: {pil_error}"
 
 
-def _prepare(items: list[dict[str, Any]], protocol: Protocol, device: torch.device) -> Batch:
-    images, notes = _decode(items, device)
+def _prepare(batch: dict[str, Any], protocol: Protocol, device: torch.device) -> Batch:
+    images, notes = _decode(batch, device)
     ok = torch.tensor([image is not None for image in images])
     blank = torch.zeros(3, protocol.image_size, protocol.image_size, dtype=torch.uint8, device=device)
     pixels = batch_transform([image if image is not None else blank for image in images], protocol)
-    index = torch.tensor([it["index"] for it in items])
-    return pixels, index, ok, notes
+    return pixels, batch["index"], ok, notes
 
 
 def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol, device: torch.device,
@@ -140,15 +140,15 @@ def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol,
     """Read bytes in workers; decode + transform batch k+1 on a side stream while batch k runs."""
     loader = DataLoader(BytesDataset(eval_set.samples, indices), batch_size=batch_size, num_workers=workers,
                         multiprocessing_context=worker_context(workers),
-                        collate_fn=collate_list, prefetch_factor=4 if workers else None)
+                        collate_fn=collate_packed, prefetch_factor=4 if workers else None)
     ready: queue.Queue = queue.Queue(maxsize=2)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def produce() -> None:
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for items in loader:
-                    batch = _prepare(items, protocol, device)
+                for packed in loader:
+                    batch = _prepare(packed, protocol, device)
                     if stream is not None:
                         stream.synchronize()
                     ready.put(batch)

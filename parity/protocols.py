@@ -285,11 +285,11 @@ def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
     return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
 
 
-def resize_one(image: torch.Tensor, protocol: Protocol) -> torch.Tensor:
-    """Resize + centre-crop one uint8 CHW image to float CHW holding uint8 levels (as PIL rounds)."""
-    height, width = image.shape[-2:]
+def resize_group(images: torch.Tensor, protocol: Protocol) -> torch.Tensor:
+    """Resize + centre-crop a B, 3, H, W uint8 stack of same-size images to float levels of uint8 (as PIL rounds)."""
+    height, width = images.shape[-2:]
     out_h, out_w = resized_shape(height, width, protocol)
-    x = image.unsqueeze(0).float()
+    x = images.float()
     # antialias=True is torch's port of PIL's filters (support scaled by the downscale factor,
     # bicubic a = -0.5). PIL resizes 8-bit images horizontally first and rounds to uint8
     # before the vertical pass: do the same, so most pixels match exactly.
@@ -299,12 +299,28 @@ def resize_one(image: torch.Tensor, protocol: Protocol) -> torch.Tensor:
             x = x.round_().clamp_(0, 255)
     size = protocol.image_size
     top, left = center_crop_box(out_h, out_w, size)
-    return x[0, :, top : top + size, left : left + size]
+    return x[:, :, top : top + size, left : left + size]
+
+
+def resize_one(image: torch.Tensor, protocol: Protocol) -> torch.Tensor:
+    """`resize_group` for one uint8 CHW image."""
+    return resize_group(image.unsqueeze(0), protocol)[0]
 
 
 def batch_transform(images: list[torch.Tensor], protocol: Protocol) -> torch.Tensor:
-    """Resize/crop each uint8 CHW image, stack, scale to [0, 1] and normalise: B, 3, S, S float32."""
-    batch = torch.stack([resize_one(image, protocol) for image in images])
+    """Resize/crop uint8 CHW images, scale to [0, 1] and normalise: B, 3, S, S float32.
+
+    Images of one size are resized together (one kernel per step for the whole group, as
+    ImageNet-like sets hold few distinct sizes); each image's result is the same as alone.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    size = protocol.image_size
+    batch = torch.empty(len(images), 3, size, size, device=images[0].device)
+    for members in groups.values():
+        resized = resize_group(torch.stack([images[i] for i in members]), protocol)
+        batch[torch.tensor(members, device=batch.device)] = resized
     mean = torch.tensor(protocol.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(protocol.std, device=batch.device).view(1, 3, 1, 1) * 255.0
     return (batch - mean) / std

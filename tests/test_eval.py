@@ -228,6 +228,32 @@ def test_tensor_path_matches_faithful(family):
     assert ((fast - faithful).abs() > step / 2).float().mean() <= 0.01  # PIL-exact but for rare rounding ties
 
 
+@pytest.mark.parametrize("family", ["bit", "data2vec-vision"])
+def test_batch_transform_groups_sizes_without_changing_any_image(family):
+    spec = protocols.apply_overrides(protocols.ORIGINAL[family], {"image_size": 24})
+    sizes = [(61, 45), (40, 48), (61, 45), (33, 70), (61, 45)]
+    tensors = [torch.from_numpy(np.asarray(_image(i, size)).copy()).permute(2, 0, 1) for i, size in enumerate(sizes)]
+    alone = torch.stack([protocols.batch_transform([t], spec)[0] for t in tensors])
+    assert torch.equal(protocols.batch_transform(tensors, spec), alone)
+
+
+def test_packed_batches_cross_worker_processes_intact(tmp_path):
+    data = make_class_folders(tmp_path / "val", WNIDS, [3, 2, 2])
+    _image(9).convert("L").save(tmp_path / "val" / WNIDS[1] / "gray.JPEG", quality=90)
+    eval_set = eval_data.find_eval_set(data)
+    dataset = eval_data.BytesDataset(eval_set.samples, range(len(eval_set.samples)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=eval_data.collate_packed)
+    seen = {}
+    for batch in loader:
+        for index, blob, image in zip(batch["index"].tolist(), eval_data.unpack(batch), batch["images"]):
+            seen[index] = (None if blob is None else blob.numpy().tobytes(), image)
+    assert sorted(seen) == list(range(len(eval_set.samples)))
+    for index, (blob, image) in seen.items():
+        raw = eval_set.samples[index].path.read_bytes()
+        assert (blob == raw and image is None) if eval_data.jpeg_components(raw) == 3 else (blob is None and image.dtype == torch.uint8)
+    assert sum(blob is None for blob, _ in seen.values()) == 1
+
+
 def test_hub_and_timm_protocols(bit_class1):
     hub, transform = protocols.resolve_protocol(bit_class1, "hub")
     assert (hub.resize, hub.resize_side, hub.image_size, hub.interpolation) == ("shorter", 36, 32, "bilinear")
