@@ -6,7 +6,8 @@ larger and odd-ratio images; 1000 wnid class folders) into a cache folder once,
 then measures images/s of three pipelines in the same run on each model:
 
 - faithful: `evaluate(fast=False)` — PIL transforms in workers, fp32, TF32 off;
-- fast: `evaluate(fast=True)` — GPU JPEG decode + GPU resize + bf16 + channels_last;
+- fast: `evaluate(fast=True)` — batched GPU JPEG decode, GPU resize, bf16 or TF32,
+  channels_last; and the same with JPEGs decoded in the workers (`decode="cpu"`);
 - baseline: what timm's validate.py does — DataLoader + PIL resize/crop to uint8 in
   workers, pinned memory, normalise on the GPU, bf16 autocast, channels_last.
 
@@ -30,7 +31,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +41,12 @@ from parity.eval_run import _fast_batches, _progress, evaluate, load_model, pred
 from parity.protocols import Protocol, resolve_protocol
 
 DEFAULT_CACHE = Path("checkpoints/cache/bench_eval")
-PIPELINES = ("faithful", "fast", "baseline", "fast_input_only", "model_only_bf16")
+# the evaluate() runs of each model: the faithful path, the fast path (JPEGs decoded on the GPU),
+# and the fast path with JPEGs decoded in the workers by libjpeg-turbo (PIL's exact pixels)
+EVALUATED = {"faithful": {"fast": False}, "fast": {"fast": True, "decode": "gpu"},
+             "fast_cpu_decode": {"fast": True, "decode": "cpu"}}
+PIPELINES = ("faithful", "fast", "fast_cpu_decode", "baseline", "input_only_gpu_decode", "input_only_cpu_decode",
+             "model_only_bf16", "model_only_tf32")
 # (long side, probability) and (aspect w/h, probability), shaped after ImageNet val's typical files
 LONG_SIDES = ([500, 400, 640, 800, 1024, 1600], [0.84, 0.04, 0.05, 0.03, 0.02, 0.02])
 ASPECTS = ([4 / 3, 3 / 4, 3 / 2, 1.0, 16 / 9, 2 / 3], [0.55, 0.15, 0.12, 0.08, 0.05, 0.05])
@@ -65,7 +71,7 @@ def _write_image(job: tuple[int, str]) -> None:
     base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
     detail = Image.fromarray(rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)).resize((width, height))
     image = Image.blend(base, detail.filter(ImageFilter.SMOOTH), 0.35)
-    grain = rng.normal(0, 8, (height, width, 3))
+    grain = rng.standard_normal((height, width, 3), dtype=np.float32) * 8
     image = Image.fromarray(np.clip(np.asarray(image) + grain, 0, 255).astype(np.uint8))
     image.save(path, quality=90)
 
@@ -102,7 +108,10 @@ def _save(model: torch.nn.Module, processor: Any, path: Path, override: dict[str
     return path
 
 
-def build_models(cache: Path, size: str) -> list[Path]:
+STAND_INS = ("data2vec", "bit")
+
+
+def build_models(cache: Path, size: str, which: Sequence[str] = STAND_INS) -> list[Path]:
     """Random-weight stand-ins: data2vec-vision base @224 and BiT-R50x1 @448 (or tiny ones)."""
     from transformers import (BeitImageProcessor, BitConfig, BitForImageClassification, BitImageProcessor,
                               Data2VecVisionConfig, Data2VecVisionForImageClassification)
@@ -117,16 +126,17 @@ def build_models(cache: Path, size: str) -> list[Path]:
     folder = cache / f"models_{size}"
     res_d2v, res_bit = (224, 448) if full else (64, 64)
     half = [0.5] * 3
-    return [
-        _save(Data2VecVisionForImageClassification(d2v),
+    models = {
+        "data2vec": lambda: _save(Data2VecVisionForImageClassification(d2v),
               BeitImageProcessor(size={"height": res_d2v, "width": res_d2v}, do_center_crop=False, resample=3,
                                  image_mean=half, image_std=half),
               folder / f"data2vec-vision-{'base' if full else 'tiny'}-{res_d2v}", {"image_size": res_d2v}),
-        _save(BitForImageClassification(bit),
+        "bit": lambda: _save(BitForImageClassification(bit),
               BitImageProcessor(size={"shortest_edge": res_bit}, crop_size={"height": res_bit, "width": res_bit},
                                 resample=2, image_mean=half, image_std=half),
               folder / f"bit-{'r50x1' if full else 'tiny'}-{res_bit}", {"image_size": res_bit}),
-    ]
+    }
+    return [models[name]() for name in which]
 
 
 # ---- the timm-validate-style baseline ----------------------------------------------------------
@@ -173,11 +183,11 @@ def baseline(model_dir: Path, eval_set: EvalSet, spec: Protocol, device: torch.d
 
 
 def input_only(eval_set: EvalSet, spec: Protocol, device: torch.device, batch_size: int, workers: int,
-               limit: int | None = None) -> dict[str, Any]:
-    """The fast path's batches (read, GPU decode, resize, normalise) with no model: its input ceiling."""
+               limit: int | None = None, decode: str = "gpu") -> dict[str, Any]:
+    """The fast path's batches (read, decode, resize, normalise) with no model: its input ceiling."""
     count = len(eval_set.samples) if limit is None else min(limit, len(eval_set.samples))
     start = time.perf_counter()
-    for _ in _fast_batches(eval_set, range(count), spec, device, batch_size, workers):
+    for _ in _fast_batches(eval_set, range(count), spec, device, batch_size, workers, decode):
         pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -186,13 +196,14 @@ def input_only(eval_set: EvalSet, spec: Protocol, device: torch.device, batch_si
 
 
 @torch.inference_mode()
-def model_only(model_dir: Path, spec: Protocol, device: torch.device, batch_size: int, steps: int = 20) -> dict[str, Any]:
-    """The model alone on one resident batch, in the fast path's settings (bf16 autocast, channels_last)."""
+def model_only(model_dir: Path, spec: Protocol, device: torch.device, batch_size: int, precision: str,
+               steps: int = 20) -> dict[str, Any]:
+    """The model alone on one resident batch, in the fast path's settings (channels_last, bf16 or TF32)."""
     model = load_model(model_dir, device).to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, spec.image_size, spec.image_size, device=device).contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             model(pixel_values=x).logits.float().argmax(1)
 
     for _ in range(3):
@@ -218,29 +229,76 @@ def _measure(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any
     warm = min(len(eval_set.samples), 2 * args.batch_size)
     common = dict(protocol="original", device=args.device, batch_size=args.batch_size, workers=args.workers)
     runs: dict[str, dict[str, Any]] = {}
-    for name, fast in (("faithful", False), ("fast", True)):
-        evaluate(model, data, fast=fast, limit=warm, compile=args.compile and fast, **common)
-        runs[name] = evaluate(model, data, fast=fast, compile=args.compile and fast, **common)
+    for name, options in EVALUATED.items():
+        fast = options["fast"]
+        evaluate(model, data, limit=warm, compile=args.compile and fast, **options, **common)
+        runs[name] = evaluate(model, data, compile=args.compile and fast, **options, **common)
+        _say(model, name, runs[name])
     baseline(model, eval_set, spec, device, args.batch_size, args.workers, limit=warm)
     runs["baseline"] = baseline(model, eval_set, spec, device, args.batch_size, args.workers)
-    input_only(eval_set, spec, device, args.batch_size, args.workers, limit=warm)
-    runs["fast_input_only"] = input_only(eval_set, spec, device, args.batch_size, args.workers)
-    runs["model_only_bf16"] = model_only(model, spec, device, args.batch_size)
-    keep = ("images", "images_per_s", "seconds", "top1", "failures")
+    _say(model, "baseline", runs["baseline"])
+    for decode in ("gpu", "cpu"):
+        input_only(eval_set, spec, device, args.batch_size, args.workers, limit=warm, decode=decode)
+        runs[f"input_only_{decode}_decode"] = input_only(eval_set, spec, device, args.batch_size, args.workers, decode=decode)
+    for precision in ("bf16", "tf32"):
+        runs[f"model_only_{precision}"] = model_only(model, spec, device, args.batch_size, precision)
+    keep = ("images", "images_per_s", "seconds", "top1", "failures", "decode", "precision")
     return {
         "model": str(model),
         "protocol": spec.__dict__ | {"resize_side": spec.resize_side},
         **{name: {k: run[k] for k in keep if k in run} for name, run in runs.items()},
         "fast_vs_baseline": runs["fast"]["images_per_s"] / runs["baseline"]["images_per_s"],
-        "agreement_fast_vs_faithful": prediction_agreement(runs["fast"], runs["faithful"]),
-        "agreement_baseline_vs_faithful": prediction_agreement(runs["baseline"], runs["faithful"]),
+        **{f"agreement_{name}_vs_faithful": prediction_agreement(runs[name], runs["faithful"])
+           for name in ("fast", "fast_cpu_decode", "baseline")},
     }
+
+
+def _say(model: Path, name: str, run: dict[str, Any]) -> None:
+    print(f"  {model.name} {name}: {run['images_per_s']:.1f} img/s over {run['images']} images", file=sys.stderr, flush=True)
 
 
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+LABELS = {
+    "faithful": "faithful (PIL in workers, fp32, TF32 off)",
+    "fast": "fast (nvJPEG batched, GPU resize)",
+    "fast_cpu_decode": "fast, JPEGs decoded in the workers (PIL's pixels)",
+    "baseline": "baseline (timm-validate style: PIL in workers, bf16)",
+    "input_only_gpu_decode": "fast path's input alone, nvJPEG",
+    "input_only_cpu_decode": "fast path's input alone, libjpeg-turbo in workers",
+    "model_only_bf16": "model alone, bf16 autocast",
+    "model_only_tf32": "model alone, TF32",
+}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a page: one table per model, rates and ratios to the baseline of the same run."""
+    lines = ["# ImageNet-eval throughput", "",
+             f"Device: {report.get('machine', report['device'])}. {report['images']} ImageNet-like JPEGs, batch "
+             f"{report['batch_size']}, {report['workers']} workers. {report['note']}. "
+             "`make bench-eval` regenerates this page and eval.json beside it.", ""]
+    if "invocations" in report:
+        lines += [f"Runs: {report['invocations']}.", ""]
+    for run in report["runs"]:
+        base = run["baseline"]["images_per_s"]
+        lines += [f"## {Path(run['model']).name}", "", f"Protocol: {run['protocol']['name']} at {run['protocol']['image_size']} px. "
+                  f"Fast path precision: {run['fast'].get('precision', 'n/a')}.", "",
+                  "| pipeline | images/s | ÷ baseline | agreement with faithful |", "|---|---|---|---|"]
+        for name in PIPELINES:
+            if name in run:
+                agreement = run.get(f"agreement_{name}_vs_faithful", {}).get("agreement")
+                lines.append(f"| {LABELS[name]} | {run[name]['images_per_s']:.0f} | {run[name]['images_per_s'] / base:.2f}× | "
+                             f"{'' if agreement is None else f'{agreement:.2f}%'} |")
+        lines += ["", "Agreement on these randomly initialised stand-ins is not a quality figure: their top-1 "
+                  "margins are near zero, so tiny input differences flip predictions. The trained fixtures' "
+                  "agreement is checked by tests/test_fixtures.py.", ""]
+        if "_note" in run:
+            lines += [f"Note: {run['_note']}.", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in the fast pipeline")
     parser.add_argument("--model-size", choices=("full", "tiny"), help="stand-in models (default: full on CUDA, tiny on CPU)")
+    parser.add_argument("--stand-ins", nargs="+", choices=STAND_INS, default=list(STAND_INS),
+                        help="which random-weight stand-ins to measure when no --model is given")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/eval.json"))
     args = parser.parse_args(argv)
@@ -261,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
               "For a CPU smoke run of the same code: python -m parity.bench_eval --device cpu --images 64", file=sys.stderr)
         return 2
     data = make_dataset(args.cache, args.images, args.workers)
-    models = args.model or build_models(args.cache, args.model_size or ("full" if args.device.startswith("cuda") else "tiny"))
+    models = args.model or build_models(args.cache, args.model_size or ("full" if args.device.startswith("cuda") else "tiny"),
+                                        args.stand_ins)
     report = {
         "device": _device_name(args.device),
         "torch": torch.__version__,
@@ -269,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "compile": args.compile,
-        "fast_decode": "GPU (nvJPEG, batched)" if args.device.startswith("cuda") else "CPU (smoke run: not a GPU measurement)",
+        "decoders": ("fast: nvJPEG, batched; fast_cpu_decode: libjpeg-turbo in the workers" if args.device.startswith("cuda")
+                     else "CPU (smoke run: not a GPU measurement)"),
         "dataset": str(data),
         "note": "images_per_s is end to end (read, decode, preprocess, model, top-k) after a warm-up run; model loading excluded",
         "runs": [],
@@ -279,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         run = _measure(model, data, args)
         report["runs"].append(run)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(report))
         rates = ", ".join(f"{p} {run[p]['images_per_s']:.1f} img/s" for p in PIPELINES)
         print(f"{Path(run['model']).name}: {rates}; fast/baseline {run['fast_vs_baseline']:.2f}x; fast agrees with "
-              f"faithful on {run['agreement_fast_vs_faithful']['agreement']:.2f}% of images", flush=True)
+              f"faithful on {run['agreement_fast_vs_faithful']['agreement']:.2f}% of images "
+              f"({run['agreement_fast_cpu_decode_vs_faithful']['agreement']:.2f}% with CPU decode)", flush=True)
     print(f"wrote {args.out}")
     return 0
 

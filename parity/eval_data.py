@@ -263,8 +263,8 @@ def open_rgb(path: Path) -> tuple[Image.Image, str | None]:
 def jpeg_components(data: bytes) -> int | None:
     """Colour components of a baseline/extended JPEG (SOF0/SOF1) from its header; None otherwise.
 
-    The fast path sends only 3-component baseline JPEGs to the GPU decoder; grayscale,
-    CMYK, progressive, PNG-named-JPEG and unparsable files are decoded by PIL instead.
+    The fast path sends only 3-component baseline JPEGs to a JPEG decoder of its own;
+    grayscale, CMYK, progressive, PNG-named-JPEG and unparsable files are decoded by PIL.
     """
     if data[:2] != b"\xff\xd8":
         return None
@@ -307,11 +307,22 @@ class PILDataset(Dataset):
 
 
 class BytesDataset(Dataset):
-    """Fast path: read file bytes; 3-component baseline JPEGs stay bytes for the GPU decoder,
-    anything else is decoded here by PIL to a uint8 CHW tensor. Items are dicts."""
+    """Fast path: read file bytes in workers. Items are dicts.
 
-    def __init__(self, samples: Sequence[Sample], indices: Sequence[int]) -> None:
-        self.samples, self.indices = samples, list(indices)
+    A 3-component baseline JPEG that ends in its EOI marker either stays bytes for the
+    GPU decoder (`decode="gpu"`) or is decoded here by libjpeg-turbo through torchvision
+    (`decode="cpu"`: the same pixels as PIL's decoder, bit for bit). nvJPEG's pixels are
+    its own: after the protocol's resize they differ from the faithful path's input by
+    1.6-2.1 uint8 levels on average for ImageNet-sized photos and 4-5 levels for 64-96 px
+    ones (resized to 224 or 448; measured on an H200). Anything else (grayscale, CMYK, progressive,
+    truncated, PNG named .JPEG, unparsable) is decoded here by PIL, which also decides
+    what counts as unreadable, as on the faithful path.
+    """
+
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], decode: str = "gpu") -> None:
+        if decode not in DECODERS:
+            raise ValueError(f"decode must be one of {DECODERS}, not {decode!r}")
+        self.samples, self.indices, self.decode = samples, list(indices), decode
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -322,13 +333,27 @@ class BytesDataset(Dataset):
         out: dict[str, Any] = {"index": index, "data": None, "image": None, "note": ""}
         try:
             data = path.read_bytes()
-            if jpeg_components(data) == 3:
+            if jpeg_components(data) != 3 or not data.endswith(b"\xff\xd9"):
+                out["image"], out["note"] = pil_tensor(path)
+            elif self.decode == "gpu":
                 out["data"] = data
             else:
-                out["image"], out["note"] = pil_tensor(path)
+                out["image"] = _libjpeg(data, path)
         except Exception as error:
             out["note"] = f"{type(error).__name__}: {error}"
         return out
+
+
+DECODERS = ("gpu", "cpu")
+
+
+def _libjpeg(data: bytes, path: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return pil_tensor(path)[0]  # PIL decides, with its own error for an unreadable file
 
 
 def pil_tensor(path: Path) -> tuple[torch.Tensor, str]:
@@ -340,28 +365,38 @@ def pil_tensor(path: Path) -> tuple[torch.Tensor, str]:
 
 
 def collate_packed(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pack a fast-path batch in the worker: all JPEG bytes in ONE uint8 tensor plus offsets.
+    """Pack a fast-path batch in the worker: all JPEG bytes and decoded pixels in ONE uint8 tensor.
 
-    A DataLoader moves each tensor of a batch through its own shared-memory segment, so
-    one packed tensor instead of one per image keeps the main process's receiving cost
-    per batch, not per image. Keys: index (long), packed (uint8), offsets (n + 1 ints;
-    image i's bytes are packed[offsets[i]:offsets[i + 1]], empty when it has none),
-    images (PIL-decoded CHW uint8 tensors or None) and notes.
+    A DataLoader moves each tensor of a batch through its own shared-memory segment and
+    the device copy is one transfer per tensor, so one packed tensor instead of one or
+    two per image keeps both costs per batch. Keys: index (long), packed (uint8), spans
+    (per image: start, end and, for decoded pixels, their C, H, W shape; an empty span
+    when the image has neither), kinds ("jpeg", "pixels" or "" per image) and notes.
     """
-    blobs = [it["data"] or b"" for it in items]
-    offsets = [0]
-    for blob in blobs:
-        offsets.append(offsets[-1] + len(blob))
+    parts, spans, kinds, end = [], [], [], 0
+    for it in items:
+        if it["data"] is not None:
+            part, shape, kind = torch.frombuffer(bytearray(it["data"]), dtype=torch.uint8), (), "jpeg"
+        elif it["image"] is not None:
+            part, shape, kind = it["image"].reshape(-1), tuple(it["image"].shape), "pixels"
+        else:
+            part, shape, kind = torch.empty(0, dtype=torch.uint8), (), ""
+        parts.append(part)
+        spans.append((end, end + len(part), shape))
+        kinds.append(kind)
+        end += len(part)
     return {
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-        "packed": torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if offsets[-1] else torch.empty(0, dtype=torch.uint8),
-        "offsets": offsets,
-        "images": [it["image"] for it in items],
+        "packed": torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8),
+        "spans": spans,
+        "kinds": kinds,
         "notes": [it["note"] for it in items],
     }
 
 
-def unpack(batch: dict[str, Any]) -> list[torch.Tensor | None]:
-    """The per-image JPEG byte views of a `collate_packed` batch (None where an image has none)."""
-    offsets = batch["offsets"]
-    return [batch["packed"][a:b] if b > a else None for a, b in zip(offsets, offsets[1:])]
+def unpack(batch: dict[str, Any], packed: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+    """Per image of a `collate_packed` batch: its JPEG bytes (1-D) or its C, H, W pixels, as views
+    of `packed` (the batch's own by default, or a copy of it on another device); None for neither."""
+    packed = batch["packed"] if packed is None else packed
+    return [None if not kind else packed[a:b] if kind == "jpeg" else packed[a:b].view(shape)
+            for (a, b, shape), kind in zip(batch["spans"], batch["kinds"])]

@@ -3,10 +3,12 @@
 Two pipelines share one scoring loop:
 - faithful: the protocol's exact PIL transforms in DataLoader workers, fp32 model,
   TF32 off;
-- fast (CUDA): workers only read file bytes; JPEGs are decoded in batches on the GPU
-  (nvJPEG through torchvision.io.decode_jpeg on a list), resized with antialiasing
-  and normalised on the GPU, the model runs under bf16 autocast in channels_last
-  (optionally torch.compile), and a prefetch thread on its own CUDA stream prepares
+- fast (CUDA): workers read file bytes; JPEGs are decoded in batches on the GPU
+  (nvJPEG through torchvision.io.decode_jpeg on a list) or, with decode="cpu", by
+  libjpeg-turbo in the workers (PIL's exact pixels); each batch travels as one packed
+  tensor, is resized with antialiasing and normalised on the GPU, the model runs in
+  channels_last under bf16 autocast or in TF32 (per model type, `FAST_PRECISION`;
+  optionally torch.compile), and a prefetch thread on its own CUDA stream prepares
   the next batch while the current one runs.
 
 Under torchrun (or an initialised process group) image i is evaluated by rank
@@ -36,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from converters.errors import InputError
 from parity.eval_data import (
+    DECODERS,
     BytesDataset,
     EvalSet,
     LabelMap,
@@ -91,17 +94,21 @@ def _faithful_batches(eval_set: EvalSet, indices: Sequence[int], transform: Any,
 
 
 def _decode(batch: dict[str, Any], device: torch.device) -> tuple[list[torch.Tensor | None], list[str]]:
-    """Decode a fast-path batch: JPEG bytes in one batched call on `device`, per image on failure, PIL last."""
+    """Decode a fast-path batch: JPEG bytes in one batched call on `device`, per image on failure, PIL last;
+    pixels decoded in the workers reach `device` in one copy of the packed batch when that is all it holds."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     data = unpack(batch)
-    images = [None if image is None else image.to(device, non_blocking=True) for image in batch["images"]]
+    if "jpeg" in batch["kinds"]:
+        images = [image.to(device, non_blocking=True) if kind == "pixels" else None for image, kind in zip(data, batch["kinds"])]
+    else:
+        images = unpack(batch, batch["packed"].to(device, non_blocking=True))
     notes = list(batch["notes"])
-    pending = [i for i, blob in enumerate(data) if blob is not None]
+    pending = [i for i, kind in enumerate(batch["kinds"]) if kind == "jpeg"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # decode_jpeg's deprecation notice in favour of TorchCodec
         try:
-            decoded = decode_jpeg([data[i] for i in pending], mode=ImageReadMode.RGB, device=device)
+            decoded = decode_jpeg([data[i] for i in pending], mode=ImageReadMode.RGB, device=device) if pending else []
             for i, image in zip(pending, decoded):
                 images[i] = image
         except RuntimeError:
@@ -136,10 +143,11 @@ def _prepare(batch: dict[str, Any], protocol: Protocol, device: torch.device) ->
 
 
 def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol, device: torch.device,
-                  batch_size: int, workers: int) -> Iterator[Batch]:
-    """Read bytes in workers; decode + transform batch k+1 on a side stream while batch k runs."""
-    loader = DataLoader(BytesDataset(eval_set.samples, indices), batch_size=batch_size, num_workers=workers,
+                  batch_size: int, workers: int, decode: str = "gpu") -> Iterator[Batch]:
+    """Read bytes (or decode, with `decode="cpu"`) in workers; finish batch k+1 on a side stream while batch k runs."""
+    loader = DataLoader(BytesDataset(eval_set.samples, indices, decode), batch_size=batch_size, num_workers=workers,
                         multiprocessing_context=worker_context(workers),
+                        pin_memory=decode == "cpu" and device.type == "cuda",
                         collate_fn=collate_packed, prefetch_factor=4 if workers else None)
     ready: queue.Queue = queue.Queue(maxsize=2)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -209,12 +217,26 @@ def _settings(fast: bool, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = fast and device.type == "cuda"
 
 
-def _scores(model: torch.nn.Module, pixels: torch.Tensor, labels: LabelMap, fast: bool) -> torch.Tensor:
-    if fast:
-        with torch.autocast(pixels.device.type, dtype=torch.bfloat16):
-            logits = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
-    else:
+# The fast path's arithmetic per model type ("bf16": bf16 autocast; "tf32": fp32 storage, TF32
+# matmuls and convolutions). BiT's GroupNorm runs in fp32 under autocast, so bf16 adds casts
+# around every norm and does not pay; every other family takes bf16.
+FAST_PRECISION = {"bit": "tf32"}
+PRECISIONS = ("auto", "bf16", "tf32")
+
+
+def fast_precision(requested: str, model_type: str) -> str:
+    """The fast path's precision: `requested`, or for "auto" the model type's entry of FAST_PRECISION."""
+    if requested not in PRECISIONS:
+        raise InputError(None, f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    return FAST_PRECISION.get(model_type, "bf16") if requested == "auto" else requested
+
+
+def _scores(model: torch.nn.Module, pixels: torch.Tensor, labels: LabelMap, precision: str) -> torch.Tensor:
+    if precision == "fp32":
         logits = model(pixel_values=pixels).logits
+    else:
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
     logits = logits.float()
     if labels.logit_indices is not None:
         logits = logits[:, torch.as_tensor(labels.logit_indices, device=logits.device)]
@@ -229,11 +251,14 @@ def _progress(total: int, rank: int):
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "original", device: str = "cpu",
              batch_size: int = 64, workers: int = 4, fast: bool | None = None, limit: int | None = None,
-             compile: bool = False) -> dict[str, Any]:
+             compile: bool = False, decode: str = "gpu", precision: str = "auto") -> dict[str, Any]:
     """Top-1/top-5 of the folder's model on VAL_DIR with the named protocol; the result dict of `--json`.
 
     `fast=None` picks the fast GPU pipeline on CUDA and the faithful one elsewhere; `fast=True`
-    off CUDA runs the same pipeline with CPU decode (for tests). Failed images count as wrong
+    off CUDA runs the same pipeline with CPU decode (for tests). On the fast path `decode`
+    says where JPEGs are decoded ("gpu": nvJPEG in batches; "cpu": libjpeg-turbo in the
+    workers, PIL's exact pixels; see `BytesDataset`) and `precision` its arithmetic
+    (`fast_precision`). Failed images count as wrong
     and are listed. Under torch.distributed each rank evaluates images i % world == rank and
     every rank returns the full result. Result keys: top1, top5 (percent), images, correct,
     failures, failed_images, converted, images_per_s, protocol, model, data, layout,
@@ -251,29 +276,31 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     spec, transform = resolve_protocol(model_dir, protocol)
     model = load_model(model_dir, torch_device)
     labels = resolve_labels(eval_set, model.config)
+    precision = fast_precision(precision, model.config.model_type) if fast else "fp32"
     if fast:
         model = model.to(memory_format=torch.channels_last)
         model = torch.compile(model) if compile else model
     indices = list(range(rank, len(eval_set.samples), world))
-    batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers) if fast
+    batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers, decode) if fast
                else _faithful_batches(eval_set, indices, transform, spec, torch_device, batch_size, workers))
-    rows, notes, elapsed = _run(model, batches, labels, fast, len(indices), rank)
+    rows, notes, elapsed = _run(model, batches, labels, precision, len(indices), rank)
     return _result(eval_set, labels, rows, notes, elapsed, world, torch_device,
                    {"protocol": protocol, "protocol_spec": spec.__dict__ | {"resize_side": spec.resize_side},
                     "model": str(model_dir), "data": str(data_dir), "batch_size": batch_size,
                     "pipeline": "fast" if fast else "faithful", "device": str(torch_device),
+                    "decode": (decode if torch_device.type == "cuda" else "cpu") if fast else "PIL", "precision": precision,
                     "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"})
 
 
 @torch.inference_mode()
-def _run(model: torch.nn.Module, batches: Iterator[Batch], labels: LabelMap, fast: bool, total: int,
+def _run(model: torch.nn.Module, batches: Iterator[Batch], labels: LabelMap, precision: str, total: int,
          rank: int) -> tuple[torch.Tensor, dict[int, str], float]:
     """Score every batch; rows are [index, ok, top-5 outputs...] per image (top-k padded with -1)."""
     rows, notes = [], {}
     start = time.perf_counter()
     with _progress(total, rank) as bar:
         for pixels, index, ok, batch_notes in batches:
-            scores = _scores(model, pixels, labels, fast)
+            scores = _scores(model, pixels, labels, precision)
             k = min(5, scores.shape[1])
             top = torch.full((len(index), 5), -1, dtype=torch.long)
             top[:, :k] = scores.topk(k, dim=1).indices.cpu()
@@ -372,9 +399,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--fast", dest="fast", action="store_true", default=None, help="GPU decode + bf16 (default on CUDA)")
+    group.add_argument("--fast", dest="fast", action="store_true", default=None, help="GPU decode, bf16 or TF32 (default on CUDA)")
     group.add_argument("--faithful", dest="fast", action="store_false", help="exact protocol transforms, fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (fast path)")
+    parser.add_argument("--decode", choices=DECODERS, default="gpu",
+                        help="fast path: decode JPEGs on the GPU (nvJPEG, fastest) or in the workers (libjpeg-turbo: "
+                             "PIL's exact pixels, for predictions identical to the faithful path's)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="fast path arithmetic: bf16 autocast or TF32 (auto: TF32 for BiT, bf16 otherwise)")
     parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")
     parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here")
     parser.add_argument("--agree-with", type=Path, help="a previous --json result to compare predictions with")
@@ -392,7 +424,8 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         _check_device(args)
         result = evaluate(args.model, args.data, protocol=args.protocol, device=args.device, batch_size=args.batch_size,
-                          workers=args.workers, fast=args.fast, limit=args.limit, compile=args.compile)
+                          workers=args.workers, fast=args.fast, limit=args.limit, compile=args.compile,
+                          decode=args.decode, precision=args.precision)
         if args.agree_with:
             from parity.protocols import read_json
 

@@ -237,21 +237,43 @@ def test_batch_transform_groups_sizes_without_changing_any_image(family):
     assert torch.equal(protocols.batch_transform(tensors, spec), alone)
 
 
-def test_packed_batches_cross_worker_processes_intact(tmp_path):
-    data = make_class_folders(tmp_path / "val", WNIDS, [3, 2, 2])
-    _image(9).convert("L").save(tmp_path / "val" / WNIDS[1] / "gray.JPEG", quality=90)
-    eval_set = eval_data.find_eval_set(data)
-    dataset = eval_data.BytesDataset(eval_set.samples, range(len(eval_set.samples)))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=eval_data.collate_packed)
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_packed_batches_cross_worker_processes_intact(odd_images, decode):
+    eval_set = eval_data.find_eval_set(odd_images)
+    dataset = eval_data.BytesDataset(eval_set.samples, range(len(eval_set.samples)), decode)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=eval_data.collate_packed)
     seen = {}
     for batch in loader:
-        for index, blob, image in zip(batch["index"].tolist(), eval_data.unpack(batch), batch["images"]):
-            seen[index] = (None if blob is None else blob.numpy().tobytes(), image)
+        seen.update(zip(batch["index"].tolist(), zip(batch["kinds"], eval_data.unpack(batch))))
     assert sorted(seen) == list(range(len(eval_set.samples)))
-    for index, (blob, image) in seen.items():
-        raw = eval_set.samples[index].path.read_bytes()
-        assert (blob == raw and image is None) if eval_data.jpeg_components(raw) == 3 else (blob is None and image.dtype == torch.uint8)
-    assert sum(blob is None for blob, _ in seen.values()) == 1
+    kinds = {eval_set.samples[i].path.name: kind for i, (kind, _) in seen.items()}
+    assert {k for k, kind in kinds.items() if not kind} == {"garbage.JPEG", "truncated.JPEG"}
+    assert {k for k, kind in kinds.items() if kind == "jpeg"} == (set() if decode == "cpu" else {"img_0.JPEG", "img_1.JPEG"})
+    for index, (kind, item) in seen.items():
+        path = eval_set.samples[index].path
+        if kind == "jpeg":
+            assert item.numpy().tobytes() == path.read_bytes()
+        elif kind == "pixels":  # libjpeg-turbo in the worker, or PIL for the odd ones: PIL's pixels either way
+            expected = np.asarray(eval_data.open_rgb(path)[0])
+            assert item.dtype == torch.uint8 and np.array_equal(item.permute(1, 2, 0).numpy(), expected), path.name
+
+
+def test_libjpeg_decode_in_workers_gives_pils_pixels(tmp_path):
+    for seed, size in enumerate([(61, 45), (500, 375), (97, 131)]):
+        path = tmp_path / f"{seed}.JPEG"
+        _image(seed, size).save(path, quality=90)
+        ours = eval_data._libjpeg(path.read_bytes(), path)
+        assert np.array_equal(ours.permute(1, 2, 0).numpy(), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_fast_precision_per_model_type():
+    from converters.errors import InputError
+    from parity.eval_run import fast_precision
+
+    assert [fast_precision("auto", t) for t in ("bit", "data2vec-vision")] == ["tf32", "bf16"]
+    assert fast_precision("bf16", "bit") == "bf16"
+    with pytest.raises(InputError, match="precision must be one of auto, bf16, tf32, not 'fp16'"):
+        fast_precision("fp16", "bit")
 
 
 def test_hub_and_timm_protocols(bit_class1):
@@ -280,9 +302,9 @@ def odd_images(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_odd_images_decoded_or_counted(bit_class1, odd_images, fast):
-    result = _eval(bit_class1, odd_images, fast=fast)
+@pytest.mark.parametrize("fast, decode", [(False, "gpu"), (True, "gpu"), (True, "cpu")])
+def test_odd_images_decoded_or_counted(bit_class1, odd_images, fast, decode):
+    result = _eval(bit_class1, odd_images, fast=fast, decode=decode)
     assert result["images"] == 8 and result["failures"] == 2
     failed = sorted(Path(f["path"]).name for f in result["failed_images"])
     assert failed == ["garbage.JPEG", "truncated.JPEG"]
