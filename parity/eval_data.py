@@ -369,9 +369,11 @@ def collate_packed(items: list[dict[str, Any]]) -> dict[str, Any]:
 
     A DataLoader moves each tensor of a batch through its own shared-memory segment and
     the device copy is one transfer per tensor, so one packed tensor instead of one or
-    two per image keeps both costs per batch. Keys: index (long), packed (uint8), spans
-    (per image: start, end and, for decoded pixels, their C, H, W shape; an empty span
-    when the image has neither), kinds ("jpeg", "pixels" or "" per image) and notes.
+    two per image keeps both costs per batch. In a worker the tensor is made in shared
+    memory at once, so each byte is copied once, not again on its way to the main
+    process. Keys: index (long), packed (uint8), spans (per image: start, end and, for
+    decoded pixels, their C, H, W shape; an empty span when the image has neither),
+    kinds ("jpeg", "pixels" or "" per image) and notes.
     """
     parts, spans, kinds, end = [], [], [], 0
     for it in items:
@@ -380,18 +382,31 @@ def collate_packed(items: list[dict[str, Any]]) -> dict[str, Any]:
         elif it["image"] is not None:
             part, shape, kind = it["image"].reshape(-1), tuple(it["image"].shape), "pixels"
         else:
-            part, shape, kind = torch.empty(0, dtype=torch.uint8), (), ""
+            part, shape, kind = None, (), ""
+        size = 0 if part is None else part.numel()
         parts.append(part)
-        spans.append((end, end + len(part), shape))
+        spans.append((end, end + size, shape))
         kinds.append(kind)
-        end += len(part)
+        end += size
+    packed = _packed_buffer(end)
+    for part, (a, b, _) in zip(parts, spans):
+        if part is not None:
+            packed[a:b] = part
     return {
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-        "packed": torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8),
+        "packed": packed,
         "spans": spans,
         "kinds": kinds,
         "notes": [it["note"] for it in items],
     }
+
+
+def _packed_buffer(nbytes: int) -> torch.Tensor:
+    """An empty uint8 tensor of `nbytes`: in shared memory inside a DataLoader worker, as the
+    DataLoader's own collate does, since sending it to the main process would copy it there."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
 
 
 def unpack(batch: dict[str, Any], packed: torch.Tensor | None = None) -> list[torch.Tensor | None]:
