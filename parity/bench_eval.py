@@ -275,6 +275,18 @@ LABELS = {
 }
 
 
+def _limit(run: dict[str, Any]) -> str:
+    """Which ceiling the fast path met: its input pipeline alone or the model alone, in the same run."""
+    precision = run["fast"].get("precision", "bf16")
+    ceilings = {"its input pipeline alone (nvJPEG)": run["input_only_gpu_decode"]["images_per_s"],
+                f"the model alone ({precision})": run[f"model_only_{precision}"]["images_per_s"]}
+    name, lowest = min(ceilings.items(), key=lambda kv: kv[1])
+    fast = run["fast"]["images_per_s"]
+    serial = 1 / sum(1 / v for v in ceilings.values())
+    return (f"What limits the fast path: {name} runs at {lowest:.0f} img/s, the lower of its two ceilings; the fast "
+            f"path reached {fast:.0f} ({100 * fast / lowest:.0f}% of it; {serial:.0f} if input and model did not overlap at all).")
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as a page: one table per model, rates and ratios to the baseline of the same run."""
     lines = ["# ImageNet-eval throughput", "",
@@ -293,6 +305,7 @@ def markdown(report: dict[str, Any]) -> str:
                 agreement = run.get(f"agreement_{name}_vs_faithful", {}).get("agreement")
                 lines.append(f"| {LABELS[name]} | {run[name]['images_per_s']:.0f} | {run[name]['images_per_s'] / base:.2f}× | "
                              f"{'' if agreement is None else f'{agreement:.2f}%'} |")
+        lines += ["", _limit(run)]
         lines += ["", "Agreement on these randomly initialised stand-ins is not a quality figure: their top-1 "
                   "margins are near zero, so tiny input differences flip predictions. The trained fixtures' "
                   "agreement is checked by tests/test_fixtures.py.", ""]

@@ -377,6 +377,8 @@ def test_bench_eval_cpu_smoke(tmp_path):
     for run in report["runs"]:
         assert all(run[p]["images"] == 6 and run[p]["images_per_s"] > 0 for p in ("faithful", "fast", "baseline"))
         assert run["agreement_fast_vs_faithful"]["images"] == 6
+    page = out.with_suffix(".md").read_text()
+    assert page.count("What limits the fast path:") == 2 and "| fast (nvJPEG batched, GPU resize) |" in page
 
 
 def test_hub_protocol_for_data2vec_squash(tmp_path):
