@@ -284,7 +284,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     indices = list(range(rank, len(eval_set.samples), world))
     batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers, decode) if fast
                else _faithful_batches(eval_set, indices, transform, spec, torch_device, batch_size, workers))
-    rows, notes, elapsed = _run(model, batches, labels, precision, len(indices), rank)
+    rows, notes, elapsed = _run(model, batches, labels, precision, len(indices), rank, batch_size if compile else None)
     return _result(eval_set, labels, rows, notes, elapsed, world, torch_device,
                    {"protocol": protocol, "protocol_spec": spec.__dict__ | {"resize_side": spec.resize_side},
                     "model": str(model_dir), "data": str(data_dir), "batch_size": batch_size,
@@ -295,13 +295,17 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
 
 @torch.inference_mode()
 def _run(model: torch.nn.Module, batches: Iterator[Batch], labels: LabelMap, precision: str, total: int,
-         rank: int) -> tuple[torch.Tensor, dict[int, str], float]:
-    """Score every batch; rows are [index, ok, top-5 outputs...] per image (top-k padded with -1)."""
+         rank: int, pad_to: int | None = None) -> tuple[torch.Tensor, dict[int, str], float]:
+    """Score every batch; rows are [index, ok, top-5 outputs...] per image (top-k padded with -1).
+
+    With `pad_to`, a shorter (last) batch is padded with zero images up to that size and
+    their scores dropped, so a compiled model sees one shape and does not compile again.
+    """
     rows, notes = [], {}
     start = time.perf_counter()
     with _progress(total, rank) as bar:
         for pixels, index, ok, batch_notes in batches:
-            scores = _scores(model, pixels, labels, precision)
+            scores = _scores(model, padded(pixels, pad_to), labels, precision)[: len(pixels)]
             k = min(5, scores.shape[1])
             top = torch.full((len(index), 5), -1, dtype=torch.long)
             top[:, :k] = scores.topk(k, dim=1).indices.cpu()
@@ -314,6 +318,13 @@ def _run(model: torch.nn.Module, batches: Iterator[Batch], labels: LabelMap, pre
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return (torch.cat(rows) if rows else torch.empty(0, 7, dtype=torch.long)), notes, elapsed
+
+
+def padded(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
+    """`pixels` (B, C, H, W) with zero images appended up to `size` rows (unchanged when None or not shorter)."""
+    if size is None or len(pixels) >= size:
+        return pixels
+    return torch.cat([pixels, pixels.new_zeros((size - len(pixels), *pixels.shape[1:]))])
 
 
 def _result(eval_set: EvalSet, labels: LabelMap, rows: torch.Tensor, notes: dict[int, str], elapsed: float,
@@ -402,7 +413,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--fast", dest="fast", action="store_true", default=None, help="GPU decode, bf16 or TF32 (default on CUDA)")
     group.add_argument("--faithful", dest="fast", action="store_false", help="exact protocol transforms, fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (fast path)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (fast path; the last batch is padded to one shape). Compiling "
+                             "took 31 s for data2vec base on an H200 and counts in images/s: it pays on long runs")
     parser.add_argument("--decode", choices=DECODERS, default="gpu",
                         help="fast path: decode JPEGs on the GPU (nvJPEG, fastest) or in the workers (libjpeg-turbo: "
                              "PIL's exact pixels, for predictions identical to the faithful path's)")

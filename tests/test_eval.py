@@ -266,6 +266,19 @@ def test_libjpeg_decode_in_workers_gives_pils_pixels(tmp_path):
         assert np.array_equal(ours.permute(1, 2, 0).numpy(), np.asarray(Image.open(path).convert("RGB")))
 
 
+def test_padding_the_last_batch_leaves_every_score_unchanged(tmp_path, odd_images, monkeypatch):
+    from parity.eval_run import padded
+
+    x = torch.randn(3, 3, 8, 8)
+    assert padded(x, None) is x and padded(x, 3) is x
+    assert padded(x, 5).shape == (5, 3, 8, 8) and torch.equal(padded(x, 5)[:3], x) and not padded(x, 5)[3:].any()
+    model = make_bit(tmp_path / "rand", 1000, seed=3)  # random weights: its outputs depend on every pixel
+    plain = _eval(model, odd_images, fast=True, batch_size=3)
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the padding, without a compiler's run time
+    compiled_shape = _eval(model, odd_images, fast=True, batch_size=3, compile=True)  # 8 images: last batch of 2
+    assert compiled_shape["predictions"] == plain["predictions"] and compiled_shape["top1"] == plain["top1"]
+
+
 def test_fast_precision_per_model_type():
     from converters.errors import InputError
     from parity.eval_run import fast_precision
