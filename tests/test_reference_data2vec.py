@@ -337,14 +337,22 @@ def _flax_compare(flax_module, model, torch_taps: dict[str, torch.Tensor], hf_sd
         assert_tap(f"flax {name}", torch.from_numpy(np.array(got[name])), want, atol=1e-4)
 
 
+def flax_config(flax_module, cfg, **overrides):
+    """The Flax port's Config for the torch reference config `cfg` (a 2.0 model counts its prenet
+    blocks in `depth`), so each test states the tiny shape once, in TINY1 / TINY2."""
+    depth = getattr(cfg, "prenet_depth", 0) + cfg.depth
+    shape = dict(dim=cfg.dim, depth=depth, heads=cfg.heads, mlp_hidden=cfg.mlp_hidden, patch=cfg.patch, image=cfg.image,
+                 num_classes=cfg.num_classes)
+    return flax_module.Config(**shape | overrides)
+
+
 def test_d2v1_flax_equals_torch() -> None:
     flax_d2v1 = pytest.importorskip("reference.data2vec1_flax")
     sd = synth.d2v1_state_dict(TINY1, seed=6, shared_rel_pos=False, finetuned=True)
     x = pixels(5)
     with torch.no_grad():
         taps = d2v1.from_original(sd)(x)
-    model = flax_d2v1.Data2Vec1Flax(flax_d2v1.Config(dim=64, depth=2, heads=4, mlp_hidden=256, patch=16,
-                                                     image=64, num_classes=10))
+    model = flax_d2v1.Data2Vec1Flax(flax_config(flax_d2v1, TINY1))
     _flax_compare(flax_d2v1, model, taps, d2v1_to_transformers(sd, TINY1.depth), x)
 
 
@@ -356,8 +364,8 @@ def test_d2v1_flax_encoder_equals_torch_pretrained() -> None:
     with torch.no_grad():
         taps = d2v1.from_original(sd)(x)
     assert list(taps)[-1] == "norm"
-    model = flax_d2v1.Data2Vec1FlaxModel(flax_d2v1.Config(dim=64, depth=2, heads=4, mlp_hidden=256, patch=16,
-                                                          image=64, num_classes=0, use_mean_pooling=False))
+    model = flax_d2v1.Data2Vec1FlaxModel(flax_config(flax_d2v1, TINY1, num_classes=0,
+                                                                     use_mean_pooling=False))
     _flax_compare(flax_d2v1, model, taps, d2v1_to_transformers(sd, TINY1.depth), x)
 
 
@@ -383,8 +391,8 @@ def test_d2v1_flax_pooler_pools_as_transformers() -> None:
         want = {"patch_embed": out.hidden_states[0],
                 **{f"blocks.{i}": out.hidden_states[i + 1] for i in range(TINY1.depth)},
                 **({} if mean_pooling else {"norm": out.last_hidden_state}), "pooled": out.pooler_output}
-        model = flax_d2v1.Data2Vec1FlaxModel(flax_d2v1.Config(dim=64, depth=2, heads=4, mlp_hidden=256, patch=16,
-                                                              image=64, use_mean_pooling=mean_pooling),
+        model = flax_d2v1.Data2Vec1FlaxModel(flax_config(flax_d2v1, TINY1, num_classes=1000,
+                                                                         use_mean_pooling=mean_pooling),
                                              add_pooling_layer=True)
         _flax_compare(flax_d2v1, model, want, hf_sd, x)
 
@@ -400,10 +408,8 @@ def test_d2v2_flax_encoder_equals_torch_pretrained(layer_norm_first: bool) -> No
     with torch.no_grad():
         taps = d2v2.from_original(sd, heads=4)(x)
     assert list(taps)[-1] == ("norm" if layer_norm_first else f"blocks.{cfg.prenet_depth + cfg.depth - 1}")
-    model = flax_d2v2.Data2Vec2FlaxModel(flax_d2v2.Config(dim=64, depth=cfg.prenet_depth + cfg.depth, heads=4,
-                                                          mlp_hidden=256, patch=16, image=64, num_classes=0,
-                                                          layer_norm_first=layer_norm_first,
-                                                          use_mean_pooling=False))
+    model = flax_d2v2.Data2Vec2FlaxModel(flax_config(flax_d2v2, cfg, layer_norm_first=layer_norm_first,
+                                                                     use_mean_pooling=False))
     hf_sd = {k.removeprefix("data2vec2."): v for k, v in d2v2_to_custom(sd, cfg.prenet_depth).items()}
     _flax_compare(flax_d2v2, model, taps, hf_sd, x)
 
@@ -416,9 +422,7 @@ def test_d2v2_flax_equals_torch(layer_norm_first: bool) -> None:
     x = pixels(6)
     with torch.no_grad():
         taps = d2v2.from_original(sd, heads=4)(x)
-    model = flax_d2v2.Data2Vec2Flax(flax_d2v2.Config(dim=64, depth=cfg.prenet_depth + cfg.depth, heads=4,
-                                                     mlp_hidden=256, patch=16, image=64, num_classes=10,
-                                                     layer_norm_first=layer_norm_first))
+    model = flax_d2v2.Data2Vec2Flax(flax_config(flax_d2v2, cfg, layer_norm_first=layer_norm_first))
     _flax_compare(flax_d2v2, model, taps, d2v2_to_custom(sd, cfg.prenet_depth), x)
 
 
