@@ -98,11 +98,11 @@ def _decode(batch: dict[str, Any], device: torch.device) -> tuple[list[torch.Ten
     pixels decoded in the workers reach `device` in one copy of the packed batch when that is all it holds."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    data = unpack(batch)
     if "jpeg" in batch["kinds"]:
-        images = [image.to(device, non_blocking=True) if kind == "pixels" else None for image, kind in zip(data, batch["kinds"])]
+        data = unpack(batch)
+        images = [item.to(device, non_blocking=True) if kind == "pixels" else None for item, kind in zip(data, batch["kinds"])]
     else:
-        images = unpack(batch, batch["packed"].to(device, non_blocking=True))
+        data, images = [], unpack(batch, batch["packed"].to(device, non_blocking=True))
     notes = list(batch["notes"])
     pending = [i for i, kind in enumerate(batch["kinds"]) if kind == "jpeg"]
     with warnings.catch_warnings():
