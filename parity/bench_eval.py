@@ -7,13 +7,16 @@ then measures images/s of three pipelines in the same run on each model:
 
 - faithful: `evaluate(fast=False)` — PIL transforms in workers, fp32, TF32 off;
 - fast: `evaluate(fast=True)` — batched GPU JPEG decode, GPU resize, bf16 or TF32,
-  channels_last; and the same with JPEGs decoded in the workers (`decode="cpu"`);
+  channels_last; the same with nvImageCodec as the decoder (`decode="nvimgcodec"`, when
+  installed) and with JPEGs decoded in the workers (`decode="cpu"`); with `--compile`,
+  also the fast path with the model compiled;
 - baseline: what timm's validate.py does — DataLoader + PIL resize/crop to uint8 in
   workers, pinned memory, normalise on the GPU, bf16 autocast, channels_last.
 
 Two more figures say what limits the fast path: its input pipeline alone (read,
-GPU decode, resize, normalise, no model) and the model alone on one resident batch
-in the fast path's settings.
+decode, resize, normalise, no model) per decoder, and the model alone on one resident
+batch in the fast path's settings (per precision; compiled too with `--compile`).
+A pipeline that cannot run here (nvImageCodec not installed) is listed as skipped, with why.
 
 Models: `--model DIR` (repeatable), or randomly initialised data2vec-vision base at
 224 and BiT-R50x1 at 448 (squash) built from transformers configs (`--model-size
@@ -37,16 +40,24 @@ import numpy as np
 import torch
 
 from parity.eval_data import EvalSet, PILDataset, find_eval_set, imagenet1k_wnids, resolve_labels
-from parity.eval_run import _fast_batches, _progress, evaluate, load_model, prediction_agreement, worker_context
+from converters.errors import InputError
+from parity.eval_decode import check_decoder
+from parity.eval_run import _fast_batches, _progress, _settings, evaluate, load_model, logits, prediction_agreement, worker_context
 from parity.protocols import Protocol, resolve_protocol
 
 DEFAULT_CACHE = Path("checkpoints/cache/bench_eval")
-# the evaluate() runs of each model: the faithful path, the fast path (JPEGs decoded on the GPU),
-# and the fast path with JPEGs decoded in the workers by libjpeg-turbo (PIL's exact pixels)
+# the evaluate() runs of each model: the faithful path, the fast path (JPEGs decoded on the GPU by
+# torchvision's nvJPEG, or by nvImageCodec), the fast path with JPEGs decoded in the workers by
+# libjpeg-turbo (PIL's exact pixels), and with --compile the fast path with a compiled model
 EVALUATED = {"faithful": {"fast": False}, "fast": {"fast": True, "decode": "gpu"},
+             "fast_nvimgcodec": {"fast": True, "decode": "nvimgcodec"},
              "fast_cpu_decode": {"fast": True, "decode": "cpu"}}
-PIPELINES = ("faithful", "fast", "fast_cpu_decode", "baseline", "input_only_gpu_decode", "input_only_cpu_decode",
-             "model_only_bf16", "model_only_tf32")
+COMPILED = {"fast_compiled": {"fast": True, "decode": "gpu", "compile": True},
+            "fast_nvimgcodec_compiled": {"fast": True, "decode": "nvimgcodec", "compile": True}}
+DECODERS = ("gpu", "nvimgcodec", "cpu")
+PRECISIONS = ("bf16", "tf32")
+PIPELINES = (*EVALUATED, *COMPILED, "baseline", *(f"input_only_{d}_decode" for d in DECODERS),
+             *(f"model_only_{p}{c}" for p in PRECISIONS for c in ("", "_compiled")))
 # (long side, probability) and (aspect w/h, probability), shaped after ImageNet val's typical files
 LONG_SIDES = ([500, 400, 640, 800, 1024, 1600], [0.84, 0.04, 0.05, 0.03, 0.02, 0.02])
 ASPECTS = ([4 / 3, 3 / 4, 3 / 2, 1.0, 16 / 9, 2 / 3], [0.55, 0.15, 0.12, 0.08, 0.05, 0.05])
@@ -197,26 +208,26 @@ def input_only(eval_set: EvalSet, spec: Protocol, device: torch.device, batch_si
 
 @torch.inference_mode()
 def model_only(model_dir: Path, spec: Protocol, device: torch.device, batch_size: int, precision: str,
-               steps: int = 20) -> dict[str, Any]:
-    """The model alone on one resident batch, in the fast path's settings (channels_last, bf16 or TF32)."""
+               compile: bool = False, steps: int = 20) -> dict[str, Any]:
+    """The model alone on one resident batch, in the fast path's settings (channels_last, bf16 or TF32,
+    optionally compiled); `warmup_s` holds the three untimed steps, compilation included."""
+    _settings(True, device)
     model = load_model(model_dir, device).to(memory_format=torch.channels_last)
-    x = torch.randn(batch_size, 3, spec.image_size, spec.image_size, device=device).contiguous(memory_format=torch.channels_last)
+    model = torch.compile(model) if compile else model
+    x = torch.randn(batch_size, 3, spec.image_size, spec.image_size, device=device)
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            model(pixel_values=x).logits.float().argmax(1)
+    def timed(count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            logits(model, x, precision).argmax(1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
-    for _ in range(3):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"images": steps * batch_size, "seconds": seconds, "images_per_s": steps * batch_size / seconds}
+    warmup = timed(3)
+    seconds = timed(steps)
+    return {"images": steps * batch_size, "seconds": seconds, "images_per_s": steps * batch_size / seconds,
+            "warmup_s": warmup}
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -229,28 +240,44 @@ def _measure(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any
     warm = min(len(eval_set.samples), 2 * args.batch_size)
     common = dict(protocol="original", device=args.device, batch_size=args.batch_size, workers=args.workers)
     runs: dict[str, dict[str, Any]] = {}
-    for name, options in EVALUATED.items():
-        fast = options["fast"]
-        evaluate(model, data, limit=warm, compile=args.compile and fast, **options, **common)
-        runs[name] = evaluate(model, data, compile=args.compile and fast, **options, **common)
+    skipped = {f"input_only_{d}_decode": why for d in DECODERS if (why := _unavailable(d, device))}
+    for name, options in {**EVALUATED, **(COMPILED if args.compile else {})}.items():
+        if options["fast"] and (why := _unavailable(options["decode"], device)):
+            skipped[name] = why
+            continue
+        evaluate(model, data, limit=warm, **options, **common)
+        runs[name] = evaluate(model, data, **options, **common)
         _say(model, name, runs[name])
     baseline(model, eval_set, spec, device, args.batch_size, args.workers, limit=warm)
     runs["baseline"] = baseline(model, eval_set, spec, device, args.batch_size, args.workers)
     _say(model, "baseline", runs["baseline"])
-    for decode in ("gpu", "cpu"):
-        input_only(eval_set, spec, device, args.batch_size, args.workers, limit=warm, decode=decode)
-        runs[f"input_only_{decode}_decode"] = input_only(eval_set, spec, device, args.batch_size, args.workers, decode=decode)
-    for precision in ("bf16", "tf32"):
-        runs[f"model_only_{precision}"] = model_only(model, spec, device, args.batch_size, precision)
-    keep = ("images", "images_per_s", "seconds", "top1", "failures", "decode", "precision")
+    for decode in DECODERS:
+        if f"input_only_{decode}_decode" not in skipped:
+            input_only(eval_set, spec, device, args.batch_size, args.workers, limit=warm, decode=decode)
+            runs[f"input_only_{decode}_decode"] = input_only(eval_set, spec, device, args.batch_size, args.workers, decode=decode)
+    for precision in PRECISIONS:
+        for compiled in (False, True) if args.compile else (False,):
+            runs[f"model_only_{precision}{'_compiled' * compiled}"] = model_only(model, spec, device, args.batch_size,
+                                                                                precision, compile=compiled)
+    keep = ("images", "images_per_s", "seconds", "warmup_s", "top1", "failures", "decode", "precision")
     return {
         "model": str(model),
         "protocol": spec.__dict__ | {"resize_side": spec.resize_side},
         **{name: {k: run[k] for k in keep if k in run} for name, run in runs.items()},
+        "skipped": skipped,
         "fast_vs_baseline": runs["fast"]["images_per_s"] / runs["baseline"]["images_per_s"],
         **{f"agreement_{name}_vs_faithful": prediction_agreement(runs[name], runs["faithful"])
-           for name in ("fast", "fast_cpu_decode", "baseline")},
+           for name in runs if name.startswith("fast") or name == "baseline"},
     }
+
+
+def _unavailable(decode: str, device: torch.device) -> str | None:
+    """Why the fast path cannot decode with `decode` on `device` (nvImageCodec not installed, say); None if it can."""
+    try:
+        check_decoder(decode, device)
+    except InputError as error:
+        return str(error)
+    return None
 
 
 def _say(model: Path, name: str, run: dict[str, Any]) -> None:
@@ -265,13 +292,19 @@ def _device_name(device: str) -> str:
 
 LABELS = {
     "faithful": "faithful (PIL in workers, fp32, TF32 off)",
-    "fast": "fast (nvJPEG batched, GPU resize)",
+    "fast": "fast (torchvision nvJPEG batched, GPU resize)",
+    "fast_nvimgcodec": "fast, nvImageCodec decode (libjpeg's chroma upsampling)",
     "fast_cpu_decode": "fast, JPEGs decoded in the workers (PIL's pixels)",
+    "fast_compiled": "fast, model compiled (compile time included)",
+    "fast_nvimgcodec_compiled": "fast, nvImageCodec decode, model compiled (compile time included)",
     "baseline": "baseline (timm-validate style: PIL in workers, bf16)",
-    "input_only_gpu_decode": "fast path's input alone, nvJPEG",
+    "input_only_gpu_decode": "fast path's input alone, torchvision nvJPEG",
+    "input_only_nvimgcodec_decode": "fast path's input alone, nvImageCodec",
     "input_only_cpu_decode": "fast path's input alone, libjpeg-turbo in workers",
     "model_only_bf16": "model alone, bf16 autocast",
+    "model_only_bf16_compiled": "model alone, bf16 autocast, compiled",
     "model_only_tf32": "model alone, TF32",
+    "model_only_tf32_compiled": "model alone, TF32, compiled",
 }
 
 
@@ -306,6 +339,8 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {LABELS[name]} | {run[name]['images_per_s']:.0f} | {run[name]['images_per_s'] / base:.2f}× | "
                              f"{'' if agreement is None else f'{agreement:.2f}%'} |")
         lines += ["", _limit(run)]
+        if run.get("skipped"):
+            lines += ["", "Not measured here:", *(f"- {LABELS[name]}: {why}" for name, why in run["skipped"].items())]
         lines += ["", "Agreement on these randomly initialised stand-ins is not a quality figure: their top-1 "
                   "margins are near zero, so tiny input differences flip predictions. The trained fixtures' "
                   "agreement is checked by tests/test_fixtures.py.", ""]
@@ -322,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model in the fast pipeline")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure the fast path and the model alone with the model compiled (torch.compile)")
     parser.add_argument("--model-size", choices=("full", "tiny"), help="stand-in models (default: full on CUDA, tiny on CPU)")
     parser.add_argument("--stand-ins", nargs="+", choices=STAND_INS, default=list(STAND_INS),
                         help="which random-weight stand-ins to measure when no --model is given")
@@ -355,10 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"].append(run)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(markdown(report))
-        rates = ", ".join(f"{p} {run[p]['images_per_s']:.1f} img/s" for p in PIPELINES)
-        print(f"{Path(run['model']).name}: {rates}; fast/baseline {run['fast_vs_baseline']:.2f}x; fast agrees with "
-              f"faithful on {run['agreement_fast_vs_faithful']['agreement']:.2f}% of images "
-              f"({run['agreement_fast_cpu_decode_vs_faithful']['agreement']:.2f}% with CPU decode)", flush=True)
+        rates = ", ".join(f"{p} {run[p]['images_per_s']:.1f} img/s" for p in PIPELINES if p in run)
+        agreement = ", ".join(f"{name[len('agreement_'):-len('_vs_faithful')]} {a['agreement']:.2f}%"
+                              for name, a in run.items() if name.startswith("agreement_"))
+        print(f"{Path(run['model']).name}: {rates}; fast/baseline {run['fast_vs_baseline']:.2f}x; agreement with "
+              f"faithful: {agreement}" + "".join(f"; skipped {k}: {v}" for k, v in run["skipped"].items()), flush=True)
     print(f"wrote {args.out}")
     return 0
 

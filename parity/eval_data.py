@@ -309,12 +309,10 @@ class PILDataset(Dataset):
 class BytesDataset(Dataset):
     """Fast path: read file bytes in workers. Items are dicts.
 
-    A 3-component baseline JPEG that ends in its EOI marker either stays bytes for the
-    GPU decoder (`decode="gpu"`) or is decoded here by libjpeg-turbo through torchvision
-    (`decode="cpu"`: the same pixels as PIL's decoder, bit for bit). nvJPEG's pixels are
-    its own: after the protocol's resize they differ from the faithful path's input by
-    1.6-2.1 uint8 levels on average for ImageNet-sized photos and 4-5 levels for 64-96 px
-    ones (resized to 224 or 448; measured on an H200). Anything else (grayscale, CMYK, progressive,
+    A 3-component baseline JPEG that ends in its EOI marker either stays bytes for a
+    GPU decoder (`decode="gpu"` or `"nvimgcodec"`, see parity/eval_decode.py) or is
+    decoded here by libjpeg-turbo through torchvision (`decode="cpu"`: the same pixels
+    as PIL's decoder, bit for bit). Anything else (grayscale, CMYK, progressive,
     truncated, PNG named .JPEG, unparsable) is decoded here by PIL, which also decides
     what counts as unreadable, as on the faithful path.
     """
@@ -335,16 +333,16 @@ class BytesDataset(Dataset):
             data = path.read_bytes()
             if jpeg_components(data) != 3 or not data.endswith(b"\xff\xd9"):
                 out["image"], out["note"] = pil_tensor(path)
-            elif self.decode == "gpu":
-                out["data"] = data
-            else:
+            elif self.decode == "cpu":
                 out["image"] = _libjpeg(data, path)
+            else:
+                out["data"] = data
         except Exception as error:
             out["note"] = f"{type(error).__name__}: {error}"
         return out
 
 
-DECODERS = ("gpu", "cpu")
+DECODERS = ("gpu", "nvimgcodec", "cpu")  # where fast-path JPEGs are decoded: parity/eval_decode.py
 
 
 def _libjpeg(data: bytes, path: Path) -> torch.Tensor:

@@ -4,8 +4,8 @@ Two pipelines share one scoring loop:
 - faithful: the protocol's exact PIL transforms in DataLoader workers, fp32 model,
   TF32 off;
 - fast (CUDA): workers read file bytes; JPEGs are decoded in batches on the GPU
-  (nvJPEG through torchvision.io.decode_jpeg on a list) or, with decode="cpu", by
-  libjpeg-turbo in the workers (PIL's exact pixels); each batch travels as one packed
+  (nvJPEG through torchvision, or nvImageCodec; parity/eval_decode.py) or, with
+  decode="cpu", by libjpeg-turbo in the workers (PIL's exact pixels); each batch travels as one packed
   tensor, is resized with antialiasing and normalised on the GPU, the model runs in
   channels_last under bf16 autocast or in TF32 (per model type, `FAST_PRECISION`;
   optionally torch.compile), and a prefetch thread on its own CUDA stream prepares
@@ -27,11 +27,9 @@ import queue
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -46,8 +44,8 @@ from parity.eval_data import (
     collate_packed,
     find_eval_set,
     resolve_labels,
-    unpack,
 )
+from parity.eval_decode import check_decoder, decode_batch
 from parity.protocols import PROTOCOL_NAMES, Protocol, batch_transform, resolve_protocol
 
 MAX_FAILURES_LISTED = 100
@@ -93,49 +91,8 @@ def _faithful_batches(eval_set: EvalSet, indices: Sequence[int], transform: Any,
         yield pixels.to(device, non_blocking=True), index, ok, list(notes)
 
 
-def _decode(batch: dict[str, Any], device: torch.device) -> tuple[list[torch.Tensor | None], list[str]]:
-    """Decode a fast-path batch: JPEG bytes in one batched call on `device`, per image on failure, PIL last;
-    pixels decoded in the workers reach `device` in one copy of the packed batch when that is all it holds."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    if "jpeg" in batch["kinds"]:
-        data = unpack(batch)
-        images = [item.to(device, non_blocking=True) if kind == "pixels" else None for item, kind in zip(data, batch["kinds"])]
-    else:
-        data, images = [], unpack(batch, batch["packed"].to(device, non_blocking=True))
-    notes = list(batch["notes"])
-    pending = [i for i, kind in enumerate(batch["kinds"]) if kind == "jpeg"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # decode_jpeg's deprecation notice in favour of TorchCodec
-        try:
-            decoded = decode_jpeg([data[i] for i in pending], mode=ImageReadMode.RGB, device=device) if pending else []
-            for i, image in zip(pending, decoded):
-                images[i] = image
-        except RuntimeError:
-            for i in pending:
-                try:
-                    images[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device)
-                except RuntimeError as error:
-                    images[i], notes[i] = _pil_fallback(data[i], device, error)
-    return images, notes
-
-
-def _pil_fallback(data: torch.Tensor, device: torch.device, error: Exception) -> tuple[torch.Tensor | None, str]:
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            image.load()
-            array = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
-        return array.permute(2, 0, 1).to(device), "GPU decode failed; PIL"
-    except Exception as pil_error:
-        return None, f"{type(error).__name__}: {error}; PIL: {pil_error}"
-
-
-def _prepare(batch: dict[str, Any], protocol: Protocol, device: torch.device) -> Batch:
-    images, notes = _decode(batch, device)
+def _prepare(batch: dict[str, Any], protocol: Protocol, device: torch.device, decode: str) -> Batch:
+    images, notes = decode_batch(batch, device, decode)
     ok = torch.tensor([image is not None for image in images])
     blank = torch.zeros(3, protocol.image_size, protocol.image_size, dtype=torch.uint8, device=device)
     pixels = batch_transform([image if image is not None else blank for image in images], protocol)
@@ -156,7 +113,7 @@ def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol,
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for packed in loader:
-                    batch = _prepare(packed, protocol, device)
+                    batch = _prepare(packed, protocol, device, decode)
                     if stream is not None:
                         stream.synchronize()
                     ready.put(batch)
@@ -232,16 +189,20 @@ def fast_precision(requested: str, model_type: str) -> str:
     return FAST_PRECISION.get(model_type, "bf16") if requested == "auto" else requested
 
 
-def _scores(model: torch.nn.Module, pixels: torch.Tensor, labels: LabelMap, precision: str) -> torch.Tensor:
+def logits(model: torch.nn.Module, pixels: torch.Tensor, precision: str) -> torch.Tensor:
+    """The model's fp32 logits for `pixels`: as given in "fp32" (faithful), else channels_last in
+    bf16 autocast ("bf16") or fp32 storage with TF32 convolutions and matmuls ("tf32", `_settings`)."""
     if precision == "fp32":
-        logits = model(pixel_values=pixels).logits
-    else:
-        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
-    logits = logits.float()
+        return model(pixel_values=pixels).logits.float()
+    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits.float()
+
+
+def _scores(model: torch.nn.Module, pixels: torch.Tensor, labels: LabelMap, precision: str) -> torch.Tensor:
+    scores = logits(model, pixels, precision)
     if labels.logit_indices is not None:
-        logits = logits[:, torch.as_tensor(labels.logit_indices, device=logits.device)]
-    return logits
+        scores = scores[:, torch.as_tensor(labels.logit_indices, device=scores.device)]
+    return scores
 
 
 def _progress(total: int, rank: int):
@@ -257,8 +218,9 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
 
     `fast=None` picks the fast GPU pipeline on CUDA and the faithful one elsewhere; `fast=True`
     off CUDA runs the same pipeline with CPU decode (for tests). On the fast path `decode`
-    says where JPEGs are decoded ("gpu": nvJPEG in batches; "cpu": libjpeg-turbo in the
-    workers, PIL's exact pixels; see `BytesDataset`) and `precision` its arithmetic
+    says where JPEGs are decoded (`eval_decode.DECODERS`: "gpu", torchvision's nvJPEG in
+    batches; "nvimgcodec", nvImageCodec with libjpeg's chroma upsampling; "cpu", libjpeg-turbo
+    in the workers, PIL's exact pixels) and `precision` its arithmetic
     (`fast_precision`). Failed images count as wrong
     and are listed. Under torch.distributed each rank evaluates images i % world == rank and
     every rank returns the full result. Result keys: top1, top5 (percent), images, correct,
@@ -272,6 +234,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
         torch.cuda.set_device(torch_device)  # NCCL collectives and all_gather_object use the current device
     fast = torch_device.type == "cuda" if fast is None else fast
+    if fast:
+        check_decoder(decode, torch_device)
     _settings(fast, torch_device)
     eval_set = find_eval_set(data_dir, limit)
     spec, transform = resolve_protocol(model_dir, protocol)
@@ -417,8 +381,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the model (fast path; the last batch is padded to one shape). Compiling "
                              "took 31 s for data2vec base on an H200 and counts in images/s: it pays on long runs")
     parser.add_argument("--decode", choices=DECODERS, default="gpu",
-                        help="fast path: decode JPEGs on the GPU (nvJPEG, fastest) or in the workers (libjpeg-turbo: "
-                             "PIL's exact pixels, for predictions identical to the faithful path's)")
+                        help="fast path: decode JPEGs on the GPU with torchvision's nvJPEG (gpu) or with NVIDIA "
+                             "nvImageCodec (nvimgcodec: libjpeg's chroma upsampling, the GPU's hardware JPEG engines; "
+                             "a separate install), or in the workers (cpu: libjpeg-turbo, PIL's exact pixels, for "
+                             "predictions identical to the faithful path's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="fast path arithmetic: bf16 autocast or TF32 (auto: TF32 for BiT, bf16 otherwise)")
     parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")

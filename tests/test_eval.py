@@ -368,14 +368,19 @@ def test_prediction_agreement():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fast_gpu_path_matches_faithful(tmp_path, bit_class1, odd_images):
+@pytest.mark.parametrize("decode", ["gpu", "nvimgcodec"])
+def test_fast_gpu_path_matches_faithful(tmp_path, bit_class1, odd_images, decode):
+    if decode == "nvimgcodec":
+        pytest.importorskip("nvidia.nvimgcodec")
     faithful = _eval(bit_class1, odd_images, fast=False, device="cuda")
-    fast = _eval(bit_class1, odd_images, fast=True, device="cuda")
+    fast = _eval(bit_class1, odd_images, fast=True, device="cuda", decode=decode)
     assert fast["pipeline"] == "fast" and fast["failures"] == faithful["failures"] == 2
+    assert fast["converted"] == faithful["converted"]
     assert prediction_agreement(fast, faithful)["agreement"] == 100.0
     random_model = make_bit(tmp_path / "rand", 1000, seed=3)
     data = make_class_folders(tmp_path / "many", WNIDS, [20, 20, 20])
-    a, b = _eval(random_model, data, fast=True, device="cuda"), _eval(random_model, data, fast=False, device="cuda")
+    a = _eval(random_model, data, fast=True, device="cuda", decode=decode)
+    b = _eval(random_model, data, fast=False, device="cuda")
     assert prediction_agreement(a, b)["agreement"] >= 90.0
 
 
@@ -390,8 +395,11 @@ def test_bench_eval_cpu_smoke(tmp_path):
     for run in report["runs"]:
         assert all(run[p]["images"] == 6 and run[p]["images_per_s"] > 0 for p in ("faithful", "fast", "baseline"))
         assert run["agreement_fast_vs_faithful"]["images"] == 6
+        assert run["skipped"]["fast_nvimgcodec"].startswith("--decode nvimgcodec decodes on a CUDA device") and "fast_nvimgcodec" not in run
+        assert set(run["skipped"]) == {"fast_nvimgcodec", "input_only_nvimgcodec_decode"}
     page = out.with_suffix(".md").read_text()
-    assert page.count("What limits the fast path:") == 2 and "| fast (nvJPEG batched, GPU resize) |" in page
+    assert page.count("What limits the fast path:") == 2 and "| fast (torchvision nvJPEG batched, GPU resize) |" in page
+    assert page.count("- fast, nvImageCodec decode (libjpeg's chroma upsampling): --decode nvimgcodec decodes on a CUDA device") == 2
 
 
 def test_hub_protocol_for_data2vec_squash(tmp_path):
