@@ -13,9 +13,10 @@ then measures images/s of three pipelines in the same run on each model:
 - baseline: what timm's validate.py does — DataLoader + PIL resize/crop to uint8 in
   workers, pinned memory, normalise on the GPU, bf16 autocast, channels_last.
 
-Two more figures say what limits the fast path: its input pipeline alone (read,
-decode, resize, normalise, no model) per decoder, and the model alone on one resident
-batch in the fast path's settings (per precision; compiled too with `--compile`).
+More figures say what limits the fast path: its input pipeline alone (read, decode,
+resize, normalise, no model) per decoder, each GPU decoder alone on bytes held in
+memory, and the model alone on one resident batch in the fast path's settings (per
+precision; compiled too with `--compile`).
 A pipeline that cannot run here (nvImageCodec not installed) is listed as skipped, with why.
 
 Models: `--model DIR` (repeatable), or randomly initialised data2vec-vision base at
@@ -39,9 +40,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from parity.eval_data import EvalSet, PILDataset, find_eval_set, imagenet1k_wnids, resolve_labels
+from parity.eval_data import BytesDataset, EvalSet, PILDataset, collate_packed, find_eval_set, imagenet1k_wnids, resolve_labels
 from converters.errors import InputError
-from parity.eval_decode import check_decoder
+from parity.eval_decode import check_decoder, decode_batch
 from parity.eval_run import _fast_batches, _progress, _settings, evaluate, load_model, logits, prediction_agreement, worker_context
 from parity.protocols import Protocol, resolve_protocol
 
@@ -55,8 +56,11 @@ EVALUATED = {"faithful": {"fast": False}, "fast": {"fast": True, "decode": "gpu"
 COMPILED = {"fast_compiled": {"fast": True, "decode": "gpu", "compile": True},
             "fast_nvimgcodec_compiled": {"fast": True, "decode": "nvimgcodec", "compile": True}}
 DECODERS = ("gpu", "nvimgcodec", "cpu")
+GPU_DECODERS = ("gpu", "nvimgcodec")
+DECODE_ONLY_IMAGES = 5_000  # files whose bytes the decoder-alone run holds in memory (about 0.6 GB at ImageNet sizes)
 PRECISIONS = ("bf16", "tf32")
 PIPELINES = (*EVALUATED, *COMPILED, "baseline", *(f"input_only_{d}_decode" for d in DECODERS),
+             *(f"decode_only_{d}" for d in GPU_DECODERS),
              *(f"model_only_{p}{c}" for p in PRECISIONS for c in ("", "_compiled")))
 # (long side, probability) and (aspect w/h, probability), shaped after ImageNet val's typical files
 LONG_SIDES = ([500, 400, 640, 800, 1024, 1600], [0.84, 0.04, 0.05, 0.03, 0.02, 0.02])
@@ -206,6 +210,21 @@ def input_only(eval_set: EvalSet, spec: Protocol, device: torch.device, batch_si
     return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
 
 
+def decode_only(eval_set: EvalSet, device: torch.device, batch_size: int, decode: str, limit: int) -> dict[str, Any]:
+    """The GPU decoder alone: up to `limit` files' bytes, packed per batch in memory first, decoded
+    batch by batch with no reading, resizing or model; the part of the input ceiling that decoding sets."""
+    count = min(limit, len(eval_set.samples))
+    dataset = BytesDataset(eval_set.samples, range(count), decode)
+    batches = [collate_packed([dataset[i] for i in range(a, min(a + batch_size, count))]) for a in range(0, count, batch_size)]
+    start = time.perf_counter()
+    for batch in batches:
+        decode_batch(batch, device, decode)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+
+
 @torch.inference_mode()
 def model_only(model_dir: Path, spec: Protocol, device: torch.device, batch_size: int, precision: str,
                compile: bool = False, steps: int = 20) -> dict[str, Any]:
@@ -255,6 +274,9 @@ def _measure(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any
         if f"input_only_{decode}_decode" not in skipped:
             input_only(eval_set, spec, device, args.batch_size, args.workers, limit=warm, decode=decode)
             runs[f"input_only_{decode}_decode"] = input_only(eval_set, spec, device, args.batch_size, args.workers, decode=decode)
+        if decode in GPU_DECODERS and f"input_only_{decode}_decode" not in skipped:
+            decode_only(eval_set, device, args.batch_size, decode, warm)
+            runs[f"decode_only_{decode}"] = decode_only(eval_set, device, args.batch_size, decode, DECODE_ONLY_IMAGES)
     for precision in PRECISIONS:
         for compiled in (False, True) if args.compile else (False,):
             runs[f"model_only_{precision}{'_compiled' * compiled}"] = model_only(model, spec, device, args.batch_size,
@@ -301,6 +323,8 @@ LABELS = {
     "input_only_gpu_decode": "fast path's input alone, torchvision nvJPEG",
     "input_only_nvimgcodec_decode": "fast path's input alone, nvImageCodec",
     "input_only_cpu_decode": "fast path's input alone, libjpeg-turbo in workers",
+    "decode_only_gpu": "decoding alone (bytes in memory), torchvision nvJPEG",
+    "decode_only_nvimgcodec": "decoding alone (bytes in memory), nvImageCodec",
     "model_only_bf16": "model alone, bf16 autocast",
     "model_only_bf16_compiled": "model alone, bf16 autocast, compiled",
     "model_only_tf32": "model alone, TF32",

@@ -397,6 +397,7 @@ def test_bench_eval_cpu_smoke(tmp_path):
         assert run["agreement_fast_vs_faithful"]["images"] == 6
         assert run["skipped"]["fast_nvimgcodec"].startswith("--decode nvimgcodec decodes on a CUDA device") and "fast_nvimgcodec" not in run
         assert set(run["skipped"]) == {"fast_nvimgcodec", "input_only_nvimgcodec_decode"}
+        assert run["decode_only_gpu"]["images"] == 6 and "decode_only_nvimgcodec" not in run
     page = out.with_suffix(".md").read_text()
     assert page.count("What limits the fast path:") == 2 and "| fast (torchvision nvJPEG batched, GPU resize) |" in page
     assert page.count("- fast, nvImageCodec decode (libjpeg's chroma upsampling): --decode nvimgcodec decodes on a CUDA device") == 2
