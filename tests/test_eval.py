@@ -66,12 +66,14 @@ def _add_override(path: Path) -> None:
     config_file.write_text(json.dumps(data))
 
 
-def make_data2vec(path: Path, order: list[int]) -> Path:
+def make_data2vec(path: Path, order: list[int] | None = None, seed: int = 0) -> Path:
     from transformers import BeitImageProcessor, Data2VecVisionConfig, Data2VecVisionForImageClassification
 
+    torch.manual_seed(seed)
     config = Data2VecVisionConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=32, use_mean_pooling=True, num_labels=1000)
-    _biased(Data2VecVisionForImageClassification(config), order).save_pretrained(path)
+    model = Data2VecVisionForImageClassification(config)
+    (model if order is None else _biased(model, order)).save_pretrained(path)
     BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False, resample=3,
                        image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
     _add_override(path)
@@ -277,6 +279,16 @@ def test_padding_the_last_batch_leaves_every_score_unchanged(tmp_path, odd_image
     monkeypatch.setattr(torch, "compile", lambda model: model)  # the padding, without a compiler's run time
     compiled_shape = _eval(model, odd_images, fast=True, batch_size=3, compile=True)  # 8 images: last batch of 2
     assert compiled_shape["predictions"] == plain["predictions"] and compiled_shape["top1"] == plain["top1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("maker", [make_bit, make_data2vec], ids=["bit", "data2vec"])
+def test_compiled_fast_path_predicts_as_the_eager_one(tmp_path, odd_images, maker):
+    """A real torch.compile (inductor's CPU backend) of the fast path's channels_last model, with the padded last batch."""
+    model = maker(tmp_path / "rand", seed=3)  # random weights: the outputs depend on every pixel
+    eager = _eval(model, odd_images, fast=True, batch_size=3)
+    compiled = _eval(model, odd_images, fast=True, batch_size=3, compile=True)  # 8 images: last batch of 2
+    assert compiled["predictions"] == eager["predictions"] and compiled["top1"] == eager["top1"]
 
 
 def test_fast_precision_per_model_type():
