@@ -101,7 +101,10 @@ def check_decoder(decoder: str, device: torch.device) -> None:
     if decoder == "nvimgcodec":
         if device.type != "cuda":
             raise InputError(None, "--decode nvimgcodec decodes on a CUDA device; use --decode cpu or gpu elsewhere")
-        _nvimgcodec_decoder(_device_index(device))
+        try:
+            _nvimgcodec_decoder(_device_index(device))
+        except RuntimeError as error:  # e.g. a CUDA driver older than the package's CUDA
+            raise InputError(None, f"nvImageCodec could not make a decoder on {device}: {error}") from None
 
 
 def _nvimgcodec_module() -> Any:

@@ -116,6 +116,10 @@ def test_nvimgcodec_needs_cuda_and_the_package(monkeypatch, fake_codec):
         eval_decode.check_decoder("nvimgcodec", torch.device("cpu"))
     with pytest.raises(InputError, match="decode must be one of gpu, nvimgcodec, cpu, not 'dali'"):
         eval_decode.check_decoder("dali", torch.device("cpu"))
+    codec = fake_codec()
+    codec.Decoder = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("CUDA Runtime failure: '#35'"))
+    with pytest.raises(InputError, match=r"nvImageCodec could not make a decoder on cuda:0: CUDA Runtime failure: '#35'"):
+        eval_decode.check_decoder("nvimgcodec", torch.device("cuda", 0))
     monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # import fails, as when it is not installed
     with pytest.raises(InputError, match=r'needs NVIDIA nvImageCodec, which is not installed .*: pip install '
                                          r'"nvidia-nvimgcodec-cu13\[nvjpeg\]"'):
