@@ -40,10 +40,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from parity.eval_data import BytesDataset, EvalSet, PILDataset, collate_packed, find_eval_set, imagenet1k_wnids, resolve_labels
 from converters.errors import InputError
+from parity.eval_data import BytesDataset, EvalSet, PILDataset, collate_packed, find_eval_set, imagenet1k_wnids, resolve_labels
 from parity.eval_decode import check_decoder, decode_batch
-from parity.eval_run import _fast_batches, _progress, _settings, evaluate, load_model, logits, prediction_agreement, worker_context
+from parity.eval_run import (_fast_batches, _progress, _settings, evaluate, fast_model, load_model, logits,
+                             prediction_agreement, worker_context)
 from parity.protocols import Protocol, resolve_protocol
 
 DEFAULT_CACHE = Path("checkpoints/cache/bench_eval")
@@ -58,7 +59,7 @@ COMPILED = {"fast_compiled": {"fast": True, "decode": "gpu", "compile": True},
 DECODERS = ("gpu", "nvimgcodec", "cpu")
 GPU_DECODERS = ("gpu", "nvimgcodec")
 DECODE_ONLY_IMAGES = 5_000  # files whose bytes the decoder-alone run holds in memory (about 0.6 GB at ImageNet sizes)
-PRECISIONS = ("bf16", "tf32")
+PRECISIONS = ("bf16", "bf16-pure", "tf32")
 PIPELINES = (*EVALUATED, *COMPILED, "baseline", *(f"input_only_{d}_decode" for d in DECODERS),
              *(f"decode_only_{d}" for d in GPU_DECODERS),
              *(f"model_only_{p}{c}" for p in PRECISIONS for c in ("", "_compiled")))
@@ -231,8 +232,7 @@ def model_only(model_dir: Path, spec: Protocol, device: torch.device, batch_size
     """The model alone on one resident batch, in the fast path's settings (channels_last, bf16 or TF32,
     optionally compiled); `warmup_s` holds the three untimed steps, compilation included."""
     _settings(True, device)
-    model = load_model(model_dir, device).to(memory_format=torch.channels_last)
-    model = torch.compile(model) if compile else model
+    model = fast_model(load_model(model_dir, device), precision, compile)
     x = torch.randn(batch_size, 3, spec.image_size, spec.image_size, device=device)
 
     def timed(count: int) -> float:
@@ -327,6 +327,8 @@ LABELS = {
     "decode_only_nvimgcodec": "decoding alone (bytes in memory), nvImageCodec",
     "model_only_bf16": "model alone, bf16 autocast",
     "model_only_bf16_compiled": "model alone, bf16 autocast, compiled",
+    "model_only_bf16-pure": "model alone, weights and activations in bf16",
+    "model_only_bf16-pure_compiled": "model alone, weights and activations in bf16, compiled",
     "model_only_tf32": "model alone, TF32",
     "model_only_tf32_compiled": "model alone, TF32, compiled",
 }

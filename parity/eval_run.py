@@ -174,12 +174,14 @@ def _settings(fast: bool, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = fast and device.type == "cuda"
 
 
-# The fast path's arithmetic per model type ("bf16": bf16 autocast; "tf32": fp32 storage, TF32
-# matmuls and convolutions). BiT's GroupNorm runs in fp32 under autocast, so bf16 adds casts
-# around every norm and does not pay; every other family takes bf16. Measured on an H200, model
-# alone: BiT-R50x1 at 448 1,832 img/s in TF32, 1,651 in bf16; data2vec base 6,847 in bf16, 4,202 in TF32.
+# The fast path's arithmetic per model type ("bf16": bf16 autocast, norms and softmax in fp32;
+# "bf16-pure": weights and activations stored in bf16, as timm's validate --model-dtype bfloat16;
+# "tf32": fp32 storage, TF32 matmuls and convolutions). BiT's GroupNorm runs in fp32 under
+# autocast, so bf16 adds casts around every norm and does not pay; every other family takes bf16.
+# Measured on an H200, model alone: BiT-R50x1 at 448 1,832 img/s in TF32, 1,651 in bf16;
+# data2vec base 6,847 in bf16, 4,202 in TF32 (bf16-pure not yet measured on a GPU).
 FAST_PRECISION = {"bit": "tf32"}
-PRECISIONS = ("auto", "bf16", "tf32")
+PRECISIONS = ("auto", "bf16", "bf16-pure", "tf32")
 
 
 def fast_precision(requested: str, model_type: str) -> str:
@@ -189,13 +191,23 @@ def fast_precision(requested: str, model_type: str) -> str:
     return FAST_PRECISION.get(model_type, "bf16") if requested == "auto" else requested
 
 
+def fast_model(model: torch.nn.Module, precision: str, compile: bool = False) -> torch.nn.Module:
+    """The fast path's model: channels_last, its weights in bf16 for "bf16-pure", optionally torch.compile'd."""
+    model = model.to(memory_format=torch.channels_last)
+    if precision == "bf16-pure":
+        model = model.to(torch.bfloat16)
+    return torch.compile(model) if compile else model
+
+
 def logits(model: torch.nn.Module, pixels: torch.Tensor, precision: str) -> torch.Tensor:
     """The model's fp32 logits for `pixels`: as given in "fp32" (faithful), else channels_last in
-    bf16 autocast ("bf16") or fp32 storage with TF32 convolutions and matmuls ("tf32", `_settings`)."""
+    bf16 autocast ("bf16"), as bf16 into a bf16 model ("bf16-pure", `fast_model`), or in fp32 with
+    TF32 convolutions and matmuls ("tf32", `_settings`)."""
     if precision == "fp32":
         return model(pixel_values=pixels).logits.float()
+    dtype = torch.bfloat16 if precision == "bf16-pure" else pixels.dtype
     with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits.float()
+        return model(pixel_values=pixels.to(dtype, memory_format=torch.channels_last)).logits.float()
 
 
 def _scores(model: torch.nn.Module, pixels: torch.Tensor, labels: LabelMap, precision: str) -> torch.Tensor:
@@ -243,8 +255,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     labels = resolve_labels(eval_set, model.config)
     precision = fast_precision(precision, model.config.model_type) if fast else "fp32"
     if fast:
-        model = model.to(memory_format=torch.channels_last)
-        model = torch.compile(model) if compile else model
+        model = fast_model(model, precision, compile)
     indices = list(range(rank, len(eval_set.samples), world))
     batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers, decode) if fast
                else _faithful_batches(eval_set, indices, transform, spec, torch_device, batch_size, workers))
@@ -386,7 +397,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "a separate install), or in the workers (cpu: libjpeg-turbo, PIL's exact pixels, for "
                              "predictions identical to the faithful path's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="fast path arithmetic: bf16 autocast or TF32 (auto: TF32 for BiT, bf16 otherwise)")
+                        help="fast path arithmetic: bf16 autocast, bf16-pure (weights and activations in bf16), "
+                             "or TF32 (auto: TF32 for BiT, bf16 otherwise)")
     parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")
     parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here")
     parser.add_argument("--agree-with", type=Path, help="a previous --json result to compare predictions with")

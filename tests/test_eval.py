@@ -297,8 +297,31 @@ def test_fast_precision_per_model_type():
 
     assert [fast_precision("auto", t) for t in ("bit", "data2vec-vision")] == ["tf32", "bf16"]
     assert fast_precision("bf16", "bit") == "bf16"
-    with pytest.raises(InputError, match="precision must be one of auto, bf16, tf32, not 'fp16'"):
+    with pytest.raises(InputError, match="precision must be one of auto, bf16, bf16-pure, tf32, not 'fp16'"):
         fast_precision("fp16", "bit")
+
+
+@pytest.mark.parametrize("maker", [make_bit, make_data2vec], ids=["bit", "data2vec"])
+@pytest.mark.parametrize("precision", ["bf16", "bf16-pure"])
+def test_bf16_fast_models_compute_the_fp32_function(tmp_path, maker, precision):
+    from parity.eval_run import fast_model, load_model, logits
+
+    folder = maker(tmp_path / "rand", seed=3)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = logits(load_model(folder, torch.device("cpu")), x, "fp32")
+        model = fast_model(load_model(folder, torch.device("cpu")), precision)
+        ours = logits(model, x, precision)
+    weights = {p.dtype for p in model.parameters()}
+    assert weights == ({torch.bfloat16} if precision == "bf16-pure" else {torch.float32}) and ours.dtype == torch.float32
+    # a few layers of bf16 rounding (2^-8 relative each): within 8 of them of the largest logit
+    error, scale = float((ours - reference).abs().max()), float(reference.abs().max())
+    assert error <= 2**-5 * scale, f"{precision}: max-abs {error:.3g} against logits up to {scale:.3g}"
+
+
+def test_bf16_pure_fast_path_end_to_end(bit_class1, odd_images):
+    result = _eval(bit_class1, odd_images, fast=True, precision="bf16-pure")
+    assert result["precision"] == "bf16-pure" and result["failures"] == 2 and result["top1"] == pytest.approx(400 / 8)
 
 
 def test_hub_and_timm_protocols(bit_class1):

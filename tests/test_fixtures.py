@@ -154,19 +154,34 @@ def test_eval_fails_a_wrong_expectation(family: str, records, converted) -> None
 @BY_FAMILY
 @pytest.mark.parametrize("decode", ["gpu", "nvimgcodec", "cpu"])
 def test_fast_gpu_path_agrees_with_faithful(family: str, decode: str, records, converted, request) -> None:
+    if (family, decode) in BELOW_BAR_ON_GPU_DECODE:
+        request.applymarker(pytest.mark.xfail(reason=BELOW_BAR_ON_GPU_DECODE[family, decode], strict=True))
+    agreement = _gpu_agreement(family, records, converted, decode=decode)
+    assert agreement["agreement"] >= MIN_GPU_AGREEMENT, agreement
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@BY_FAMILY
+@pytest.mark.parametrize("precision", ["bf16", "bf16-pure", "tf32"])
+def test_fast_gpu_arithmetic_agrees_with_faithful(family: str, precision: str, records, converted) -> None:
+    """PIL's pixels (decode="cpu") on both paths, so the agreement measures the fast path's arithmetic alone."""
+    agreement = _gpu_agreement(family, records, converted, decode="cpu", precision=precision)
+    assert agreement["agreement"] >= MIN_GPU_AGREEMENT, agreement
+
+
+def _gpu_agreement(family: str, records, converted, **fast_options) -> dict:
     from parity.eval_run import evaluate, prediction_agreement
 
     _needs_converter(family)
-    if decode == "nvimgcodec":
+    if fast_options.get("decode") == "nvimgcodec":
         pytest.importorskip("nvidia.nvimgcodec")
-    if (family, decode) in BELOW_BAR_ON_GPU_DECODE:
-        request.applymarker(pytest.mark.xfail(reason=BELOW_BAR_ON_GPU_DECODE[family, decode], strict=True))
     folder, val = converted(family), records(family)["val"]
-    fast = evaluate(folder, val, protocol="original", device="cuda", fast=True, workers=2, decode=decode)
+    fast = evaluate(folder, val, protocol="original", device="cuda", fast=True, workers=2, **fast_options)
     faithful = evaluate(folder, val, protocol="original", device="cuda", fast=False, workers=2)
     agreement = prediction_agreement(fast, faithful)
-    print(f"{family} decode={decode} precision={fast['precision']}: {agreement}")
-    assert agreement["agreement"] >= MIN_GPU_AGREEMENT, agreement
+    print(f"{family} decode={fast['decode']} precision={fast['precision']}: {agreement}")
+    return agreement
 
 
 def test_files_are_in_the_original_layout(records) -> None:
