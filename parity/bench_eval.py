@@ -35,7 +35,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -258,39 +258,46 @@ def _measure(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any
     spec, _ = resolve_protocol(model, "original")
     warm = min(len(eval_set.samples), 2 * args.batch_size)
     common = dict(protocol="original", device=args.device, batch_size=args.batch_size, workers=args.workers)
+    size, workers = args.batch_size, args.workers
+    # each pipeline: the decoder it needs (None: any) and its run for a number of images (None: all)
+    jobs: dict[str, tuple[str | None, Callable[[int | None], dict[str, Any]]]] = {
+        **{name: (options.get("decode"), lambda n, o=options: evaluate(model, data, limit=n, **o, **common))
+           for name, options in {**EVALUATED, **COMPILED}.items()},
+        "baseline": (None, lambda n: baseline(model, eval_set, spec, device, size, workers, limit=n)),
+        **{f"input_only_{d}_decode": (d, lambda n, d=d: input_only(eval_set, spec, device, size, workers, limit=n, decode=d))
+           for d in DECODERS},
+        **{f"decode_only_{d}": (d, lambda n, d=d: decode_only(eval_set, device, size, d, n or DECODE_ONLY_IMAGES))
+           for d in GPU_DECODERS},
+        **{f"model_only_{p}{'_compiled' * c}": (None, lambda n, p=p, c=c: model_only(model, spec, device, size, p, compile=c))
+           for p in PRECISIONS for c in (False, True)},
+    }
     runs: dict[str, dict[str, Any]] = {}
-    skipped = {f"input_only_{d}_decode": why for d in DECODERS if (why := _unavailable(d, device))}
-    for name, options in {**EVALUATED, **(COMPILED if args.compile else {})}.items():
-        if options["fast"] and (why := _unavailable(options["decode"], device)):
+    skipped: dict[str, str] = {}
+    for name in _wanted(args):
+        decode, job = jobs[name]
+        if decode and (why := _unavailable(decode, device)):
             skipped[name] = why
             continue
-        evaluate(model, data, limit=warm, **options, **common)
-        runs[name] = evaluate(model, data, **options, **common)
+        if not name.startswith("model_only_"):  # model_only warms up inside
+            job(warm)
+        runs[name] = job(None)
         _say(model, name, runs[name])
-    baseline(model, eval_set, spec, device, args.batch_size, args.workers, limit=warm)
-    runs["baseline"] = baseline(model, eval_set, spec, device, args.batch_size, args.workers)
-    _say(model, "baseline", runs["baseline"])
-    for decode in DECODERS:
-        if f"input_only_{decode}_decode" not in skipped:
-            input_only(eval_set, spec, device, args.batch_size, args.workers, limit=warm, decode=decode)
-            runs[f"input_only_{decode}_decode"] = input_only(eval_set, spec, device, args.batch_size, args.workers, decode=decode)
-        if decode in GPU_DECODERS and f"input_only_{decode}_decode" not in skipped:
-            decode_only(eval_set, device, args.batch_size, decode, warm)
-            runs[f"decode_only_{decode}"] = decode_only(eval_set, device, args.batch_size, decode, DECODE_ONLY_IMAGES)
-    for precision in PRECISIONS:
-        for compiled in (False, True) if args.compile else (False,):
-            runs[f"model_only_{precision}{'_compiled' * compiled}"] = model_only(model, spec, device, args.batch_size,
-                                                                                precision, compile=compiled)
     keep = ("images", "images_per_s", "seconds", "warmup_s", "top1", "failures", "decode", "precision")
-    return {
-        "model": str(model),
-        "protocol": spec.__dict__ | {"resize_side": spec.resize_side},
-        **{name: {k: run[k] for k in keep if k in run} for name, run in runs.items()},
-        "skipped": skipped,
-        "fast_vs_baseline": runs["fast"]["images_per_s"] / runs["baseline"]["images_per_s"],
-        **{f"agreement_{name}_vs_faithful": prediction_agreement(runs[name], runs["faithful"])
-           for name in runs if name.startswith("fast") or name == "baseline"},
-    }
+    report = {"model": str(model), "protocol": spec.__dict__ | {"resize_side": spec.resize_side},
+              **{name: {k: run[k] for k in keep if k in run} for name, run in runs.items()}, "skipped": skipped}
+    if "fast" in runs and "baseline" in runs:
+        report["fast_vs_baseline"] = runs["fast"]["images_per_s"] / runs["baseline"]["images_per_s"]
+    if "faithful" in runs:
+        report |= {f"agreement_{name}_vs_faithful": prediction_agreement(runs[name], runs["faithful"])
+                   for name in runs if name.startswith("fast") or name == "baseline"}
+    return report
+
+
+def _wanted(args: argparse.Namespace) -> list[str]:
+    """The pipelines to measure, in PIPELINES order: `--only`'s, or all but the compiled ones unless `--compile`."""
+    if args.only:
+        return [name for name in PIPELINES if name in args.only]
+    return [name for name in PIPELINES if args.compile or not name.endswith("_compiled")]
 
 
 def _unavailable(decode: str, device: torch.device) -> str | None:
@@ -334,9 +341,13 @@ LABELS = {
 }
 
 
-def _limit(run: dict[str, Any]) -> str:
-    """Which ceiling the fast path met: its input pipeline alone or the model alone, in the same run."""
-    precision = run["fast"].get("precision", "bf16")
+def _limit(run: dict[str, Any]) -> str | None:
+    """Which ceiling the fast path met: its input pipeline alone or the model alone, in the same run
+    (None when one of the three was not measured)."""
+    precision = run.get("fast", {}).get("precision", "bf16")
+    parts = ("fast", "input_only_gpu_decode", f"model_only_{precision}")
+    if not all(part in run for part in parts):
+        return None
     ceilings = {"its input pipeline alone (nvJPEG)": run["input_only_gpu_decode"]["images_per_s"],
                 f"the model alone ({precision})": run[f"model_only_{precision}"]["images_per_s"]}
     name, lowest = min(ceilings.items(), key=lambda kv: kv[1])
@@ -355,16 +366,17 @@ def markdown(report: dict[str, Any]) -> str:
     if "invocations" in report:
         lines += [f"Runs: {report['invocations']}.", ""]
     for run in report["runs"]:
-        base = run["baseline"]["images_per_s"]
+        base = run.get("baseline", {}).get("images_per_s")
         lines += [f"## {Path(run['model']).name}", "", f"Protocol: {run['protocol']['name']} at {run['protocol']['image_size']} px. "
-                  f"Fast path precision: {run['fast'].get('precision', 'n/a')}.", "",
+                  f"Fast path precision: {run.get('fast', {}).get('precision', 'n/a')}.", "",
                   "| pipeline | images/s | ÷ baseline | agreement with faithful |", "|---|---|---|---|"]
         for name in PIPELINES:
             if name in run:
-                agreement = run.get(f"agreement_{name}_vs_faithful", {}).get("agreement")
-                lines.append(f"| {LABELS[name]} | {run[name]['images_per_s']:.0f} | {run[name]['images_per_s'] / base:.2f}× | "
+                rate, agreement = run[name]["images_per_s"], run.get(f"agreement_{name}_vs_faithful", {}).get("agreement")
+                lines.append(f"| {LABELS[name]} | {rate:.0f} | {'' if base is None else f'{rate / base:.2f}×'} | "
                              f"{'' if agreement is None else f'{agreement:.2f}%'} |")
-        lines += ["", _limit(run)]
+        if limit := _limit(run):
+            lines += ["", limit]
         if run.get("skipped"):
             lines += ["", "Not measured here:", *(f"- {LABELS[name]}: {why}" for name, why in run["skipped"].items())]
         lines += ["", "Agreement on these randomly initialised stand-ins is not a quality figure: their top-1 "
@@ -385,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--compile", action="store_true",
                         help="also measure the fast path and the model alone with the model compiled (torch.compile)")
+    parser.add_argument("--only", nargs="+", choices=PIPELINES, metavar="PIPELINE",
+                        help=f"measure only these pipelines (of: {', '.join(PIPELINES)}); ratios and agreement "
+                             "appear where their parts were measured")
     parser.add_argument("--model-size", choices=("full", "tiny"), help="stand-in models (default: full on CUDA, tiny on CPU)")
     parser.add_argument("--stand-ins", nargs="+", choices=STAND_INS, default=list(STAND_INS),
                         help="which random-weight stand-ins to measure when no --model is given")
@@ -420,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         rates = ", ".join(f"{p} {run[p]['images_per_s']:.1f} img/s" for p in PIPELINES if p in run)
         agreement = ", ".join(f"{name[len('agreement_'):-len('_vs_faithful')]} {a['agreement']:.2f}%"
                               for name, a in run.items() if name.startswith("agreement_"))
-        print(f"{Path(run['model']).name}: {rates}; fast/baseline {run['fast_vs_baseline']:.2f}x; agreement with "
-              f"faithful: {agreement}" + "".join(f"; skipped {k}: {v}" for k, v in run["skipped"].items()), flush=True)
+        ratio = f"; fast/baseline {run['fast_vs_baseline']:.2f}x" if "fast_vs_baseline" in run else ""
+        print(f"{Path(run['model']).name}: {rates}{ratio}; agreement with faithful: {agreement or 'not measured'}"
+              + "".join(f"; skipped {k}: {v}" for k, v in run["skipped"].items()), flush=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -431,11 +431,23 @@ def test_bench_eval_cpu_smoke(tmp_path):
         assert all(run[p]["images"] == 6 and run[p]["images_per_s"] > 0 for p in ("faithful", "fast", "baseline"))
         assert run["agreement_fast_vs_faithful"]["images"] == 6
         assert run["skipped"]["fast_nvimgcodec"].startswith("--decode nvimgcodec decodes on a CUDA device") and "fast_nvimgcodec" not in run
-        assert set(run["skipped"]) == {"fast_nvimgcodec", "input_only_nvimgcodec_decode"}
+        assert set(run["skipped"]) == {"fast_nvimgcodec", "input_only_nvimgcodec_decode", "decode_only_nvimgcodec"}
         assert run["decode_only_gpu"]["images"] == 6 and "decode_only_nvimgcodec" not in run
     page = out.with_suffix(".md").read_text()
     assert page.count("What limits the fast path:") == 2 and "| fast (torchvision nvJPEG batched, GPU resize) |" in page
     assert page.count("- fast, nvImageCodec decode (libjpeg's chroma upsampling): --decode nvimgcodec decodes on a CUDA device") == 2
+
+
+def test_bench_eval_measures_only_the_pipelines_asked_for(tmp_path):
+    from parity import bench_eval
+
+    out = tmp_path / "eval.json"
+    assert bench_eval.main(["--device", "cpu", "--images", "6", "--workers", "0", "--batch-size", "3", "--cache",
+                            str(tmp_path), "--out", str(out), "--stand-ins", "bit", "--only", "model_only_tf32", "fast"]) == 0
+    [run] = json.loads(out.read_text())["runs"]
+    assert {k for k in run if k not in ("model", "protocol", "skipped")} == {"fast", "model_only_tf32"}
+    page = out.with_suffix(".md").read_text()
+    assert "| model alone, TF32 |" in page and "What limits" not in page and "| baseline (timm" not in page
 
 
 def test_hub_protocol_for_data2vec_squash(tmp_path):
