@@ -29,6 +29,7 @@ the `original` and `timm` protocols; `hub` follows the processor file itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -312,15 +313,26 @@ def batch_transform(images: list[torch.Tensor], protocol: Protocol) -> torch.Ten
 
     Images of one size are resized together (one kernel per step for the whole group, as
     ImageNet-like sets hold few distinct sizes); each image's result is the same as alone.
+    The groups are put back in the input's order with one index sent to the device per
+    batch: a small host-to-device copy waits for the device's queued work, so one per group
+    would stall the host once per group.
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(i)
-    size = protocol.image_size
-    batch = torch.empty(len(images), 3, size, size, device=images[0].device)
-    for members in groups.values():
-        resized = resize_group(torch.stack([images[i] for i in members]), protocol)
-        batch[torch.tensor(members, device=batch.device)] = resized
-    mean = torch.tensor(protocol.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(protocol.std, device=batch.device).view(1, 3, 1, 1) * 255.0
+    device = images[0].device
+    batch = torch.cat([resize_group(torch.stack([images[i] for i in members]), protocol) for members in groups.values()])
+    order = [i for members in groups.values() for i in members]
+    if order != sorted(order):
+        position = torch.empty(len(order), dtype=torch.long)
+        position[order] = torch.arange(len(order))
+        batch = batch[position.to(device)]
+    mean, std = _normalisation(tuple(protocol.mean), tuple(protocol.std), device)
     return (batch - mean) / std
+
+
+@functools.cache
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The protocol's mean and std in uint8 levels, as 1, 3, 1, 1 tensors on `device` (made once)."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)
