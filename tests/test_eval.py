@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from parity import eval_data, protocols
-from parity.eval_run import evaluate, main, prediction_agreement
+from parity.eval_run import evaluate, main, prediction_agreement, worker_context
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # ImageNet-1k classes 0, 1, 2
 COUNTS = [4, 3, 3]  # images per class: 10 in all
@@ -243,7 +243,8 @@ def test_batch_transform_groups_sizes_without_changing_any_image(family):
 def test_packed_batches_cross_worker_processes_intact(odd_images, decode):
     eval_set = eval_data.find_eval_set(odd_images)
     dataset = eval_data.BytesDataset(eval_set.samples, range(len(eval_set.samples)), decode)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=eval_data.collate_packed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=eval_data.collate_packed,
+                                         multiprocessing_context=worker_context(2))  # as evaluate() starts its workers
     seen = {}
     for batch in loader:
         seen.update(zip(batch["index"].tolist(), zip(batch["kinds"], eval_data.unpack(batch))))
