@@ -7,8 +7,8 @@ Two pipelines share one scoring loop:
   (nvJPEG through torchvision, or nvImageCodec; parity/eval_decode.py) or, with
   decode="cpu", by libjpeg-turbo in the workers (PIL's exact pixels); each batch travels as one packed
   tensor, is resized with antialiasing and normalised on the GPU, the model runs in
-  channels_last under bf16 autocast or in TF32 (per model type, `FAST_PRECISION`;
-  optionally torch.compile), and a prefetch thread on its own CUDA stream prepares
+  channels_last under bf16 autocast, stored in bf16, or in TF32 (per model type,
+  `FAST_PRECISION`; optionally torch.compile), and a prefetch thread on its own CUDA stream prepares
   the next batch while the current one runs.
 
 Under torchrun (or an initialised process group) image i is evaluated by rank
