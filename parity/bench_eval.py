@@ -41,8 +41,10 @@ import numpy as np
 import torch
 
 from converters.errors import InputError
-from parity.eval_data import BytesDataset, EvalSet, PILDataset, collate_packed, find_eval_set, imagenet1k_wnids, resolve_labels
-from parity.eval_decode import check_decoder, decode_batch
+from parity.eval_data import (DECODERS, BytesDataset, EvalSet, PILDataset, collate_packed, find_eval_set, imagenet1k_wnids,
+                               resolve_labels)
+from parity.eval_decode import JPEG_DECODERS, check_decoder, decode_batch
+from parity.eval_run import PRECISIONS as FAST_PRECISIONS
 from parity.eval_run import (_fast_batches, _progress, _settings, evaluate, fast_model, load_model, logits,
                              prediction_agreement, worker_context)
 from parity.protocols import Protocol, resolve_protocol
@@ -56,10 +58,9 @@ EVALUATED = {"faithful": {"fast": False}, "fast": {"fast": True, "decode": "gpu"
              "fast_cpu_decode": {"fast": True, "decode": "cpu"}}
 COMPILED = {"fast_compiled": {"fast": True, "decode": "gpu", "compile": True},
             "fast_nvimgcodec_compiled": {"fast": True, "decode": "nvimgcodec", "compile": True}}
-DECODERS = ("gpu", "nvimgcodec", "cpu")
-GPU_DECODERS = ("gpu", "nvimgcodec")
+GPU_DECODERS = tuple(JPEG_DECODERS)  # the decoders that run in the main process, on the device
 DECODE_ONLY_IMAGES = 5_000  # files whose bytes the decoder-alone run holds in memory (about 0.6 GB at ImageNet sizes)
-PRECISIONS = ("bf16", "bf16-pure", "tf32")
+PRECISIONS = tuple(p for p in FAST_PRECISIONS if p != "auto")
 PIPELINES = (*EVALUATED, *COMPILED, "baseline", *(f"input_only_{d}_decode" for d in DECODERS),
              *(f"decode_only_{d}" for d in GPU_DECODERS),
              *(f"model_only_{p}{c}" for p in PRECISIONS for c in ("", "_compiled")))
@@ -229,8 +230,8 @@ def decode_only(eval_set: EvalSet, device: torch.device, batch_size: int, decode
 @torch.inference_mode()
 def model_only(model_dir: Path, spec: Protocol, device: torch.device, batch_size: int, precision: str,
                compile: bool = False, steps: int = 20) -> dict[str, Any]:
-    """The model alone on one resident batch, in the fast path's settings (channels_last, bf16 or TF32,
-    optionally compiled); `warmup_s` holds the three untimed steps, compilation included."""
+    """The model alone on one resident batch, in the fast path's settings (`fast_model`: channels_last,
+    `precision`, optionally compiled); `warmup_s` holds the three untimed steps, compilation included."""
     _settings(True, device)
     model = fast_model(load_model(model_dir, device), precision, compile)
     x = torch.randn(batch_size, 3, spec.image_size, spec.image_size, device=device)
