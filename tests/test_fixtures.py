@@ -34,9 +34,9 @@ FIXTURES = {
 BY_FAMILY = pytest.mark.parametrize("family", ["data2vec1", "bit"], scope="module")
 MIN_GPU_AGREEMENT = 99.5  # percent of images with the same top-1 on the fast and the faithful path
 # Known shortfalls, measured on an H200: torchvision's nvJPEG repeats 4:2:0 chroma where libjpeg
-# interpolates it, so its pixels are not PIL's (on the fixtures'
-# 64-96 px JPEGs they differ by 4-5 uint8 levels on average after a resize to 224 or 448), and
-# the 32 px BiT fixture is the more sensitive model. decode="cpu" (PIL's pixels) agrees on 100%.
+# interpolates it, so its pixels are not PIL's (on the fixtures' 64-96 px JPEGs they differ by
+# 4-5 uint8 levels on average after a resize to 224 or 448), and the 32 px BiT fixture is the
+# more sensitive model. decode="cpu" (PIL's pixels) agrees on 100%.
 BELOW_BAR_ON_GPU_DECODE = {("bit", "gpu"): "GPU-decoded BiT fixture agreed on 96.8% (16 of 500 differ)"}
 
 
