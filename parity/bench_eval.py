@@ -253,7 +253,9 @@ def model_only(model_dir: Path, spec: Protocol, device: torch.device, batch_size
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def _measure(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _measure(model: Path, data: Path, args: argparse.Namespace,
+             save: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
+    """Run the wanted pipelines on `model`; the report so far goes to `save` after each one."""
     device = torch.device(args.device)
     eval_set = find_eval_set(data)
     spec, _ = resolve_protocol(model, "original")
@@ -283,9 +285,15 @@ def _measure(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any
             job(warm)
         runs[name] = job(None)
         _say(model, name, runs[name])
+        save(_report(model, spec, runs, skipped))
+    return _report(model, spec, runs, skipped)
+
+
+def _report(model: Path, spec: Protocol, runs: dict[str, dict[str, Any]], skipped: dict[str, str]) -> dict[str, Any]:
+    """One model's entry of eval.json: each run's figures, the skipped pipelines, ratio and agreements."""
     keep = ("images", "images_per_s", "seconds", "warmup_s", "top1", "failures", "decode", "precision")
     report = {"model": str(model), "protocol": spec.__dict__ | {"resize_side": spec.resize_side},
-              **{name: {k: run[k] for k in keep if k in run} for name, run in runs.items()}, "skipped": skipped}
+              **{name: {k: run[k] for k in keep if k in run} for name, run in runs.items()}, "skipped": dict(skipped)}
     if "fast" in runs and "baseline" in runs:
         report["fast_vs_baseline"] = runs["fast"]["images_per_s"] / runs["baseline"]["images_per_s"]
     if "faithful" in runs:
@@ -421,18 +429,22 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "compile": args.compile,
-        "decoders": ("fast: nvJPEG, batched; fast_cpu_decode: libjpeg-turbo in the workers" if args.device.startswith("cuda")
+        "decoders": ("fast: torchvision's nvJPEG, batched; fast_nvimgcodec: nvImageCodec, batched; fast_cpu_decode: "
+                     "libjpeg-turbo in the workers" if args.device.startswith("cuda")
                      else "CPU (smoke run: not a GPU measurement)"),
         "dataset": str(data),
         "note": "images_per_s is end to end (read, decode, preprocess, model, top-k) after a warm-up run; model loading excluded",
         "runs": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for model in models:  # the file is rewritten after each model, so a cut-short run keeps what it measured
-        run = _measure(model, data, args)
+    def save(runs: list[dict[str, Any]]) -> None:  # after each pipeline, so a cut-short run keeps what it measured
+        args.out.write_text(json.dumps(report | {"runs": runs}, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(report | {"runs": runs}))
+
+    for model in models:
+        run = _measure(model, data, args, lambda partial: save([*report["runs"], partial]))
         report["runs"].append(run)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(report))
+        save(report["runs"])
         rates = ", ".join(f"{p} {run[p]['images_per_s']:.1f} img/s" for p in PIPELINES if p in run)
         agreement = ", ".join(f"{name[len('agreement_'):-len('_vs_faithful')]} {a['agreement']:.2f}%"
                               for name, a in run.items() if name.startswith("agreement_"))
