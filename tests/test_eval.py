@@ -296,7 +296,7 @@ def test_fast_precision_per_model_type():
     from converters.errors import InputError
     from parity.eval_run import fast_precision
 
-    assert [fast_precision("auto", t) for t in ("bit", "data2vec-vision")] == ["tf32", "bf16"]
+    assert [fast_precision("auto", t) for t in ("bit", "data2vec-vision", "data2vec2-vision")] == ["tf32", "bf16-pure", "bf16"]
     assert fast_precision("bf16", "bit") == "bf16"
     with pytest.raises(InputError, match="precision must be one of auto, bf16, bf16-pure, tf32, not 'fp16'"):
         fast_precision("fp16", "bit")

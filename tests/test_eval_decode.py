@@ -125,3 +125,25 @@ def test_nvimgcodec_needs_cuda_and_the_package(monkeypatch, fake_codec):
                                          r'"nvidia-nvimgcodec-cu13\[nvjpeg\]"'):
         eval_decode.check_decoder("nvimgcodec", torch.device("cuda", 0))
     eval_decode.check_decoder("gpu", torch.device("cpu"))  # torchvision's decoder runs anywhere
+
+
+def test_auto_picks_nvimgcodec_where_it_runs_and_says_why_not_elsewhere(monkeypatch, fake_codec):
+    cuda = torch.device("cuda", 0)
+    assert eval_decode.resolve_decoder("auto", torch.device("cpu")) == ("cpu", None)
+    fake_codec()
+    assert eval_decode.resolve_decoder("auto", cuda) == ("nvimgcodec", None)
+    assert eval_decode.resolve_decoder("gpu", cuda) == ("gpu", None)  # an explicit choice stays
+    with pytest.raises(InputError, match="decode must be one of auto, gpu, nvimgcodec, cpu, not 'dali'"):
+        eval_decode.resolve_decoder("dali", cuda)
+    eval_decode._nvimgcodec_decoder.cache_clear()
+    fake_codec().Decoder = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("CUDA Runtime failure: '#35'"))
+    decoder, note = eval_decode.resolve_decoder("auto", cuda)
+    assert decoder == "gpu" and note == (
+        "decoded JPEGs with torchvision's nvJPEG, whose chroma upsampling is not libjpeg's, so fewer predictions "
+        "match the faithful path's; nvImageCodec was not usable: nvImageCodec could not make a decoder on cuda:0: "
+        "CUDA Runtime failure: '#35'")
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # not installed
+    decoder, note = eval_decode.resolve_decoder("auto", cuda)
+    assert decoder == "gpu" and note.endswith('which is not installed (import of nvidia.nvimgcodec halted; None in '
+                                              'sys.modules): pip install "nvidia-nvimgcodec-cu13[nvjpeg]" (or -cu12 '
+                                              'for a CUDA 12 build of torch; "parityport[nvimgcodec]" from this project)')
