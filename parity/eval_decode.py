@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib
 import io
+import os
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -134,6 +135,10 @@ def check_decoder(decoder: str, device: torch.device) -> None:
 
 
 def _nvimgcodec_module() -> Any:
+    # Its log's errors include the optional JPEG 2000 and TIFF extensions it could not load, on
+    # every start; decode failures reach us as results (PIL then decodes), so keep its log quiet
+    # unless the user asked otherwise. Its loaders still print one "Failed to load" note each.
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
     try:
         return importlib.import_module("nvidia.nvimgcodec")
     except ImportError as error:

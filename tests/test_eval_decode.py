@@ -8,6 +8,7 @@ checked by the GPU tests (tests/test_fixtures.py, tests/test_eval.py).
 from __future__ import annotations
 
 import io
+import os
 import sys
 import types
 
@@ -147,3 +148,13 @@ def test_auto_picks_nvimgcodec_where_it_runs_and_says_why_not_elsewhere(monkeypa
     assert decoder == "gpu" and note.endswith('which is not installed (import of nvidia.nvimgcodec halted; None in '
                                               'sys.modules): pip install "nvidia-nvimgcodec-cu13[nvjpeg]" (or -cu12 '
                                               'for a CUDA 12 build of torch; "parityport[nvimgcodec]" from this project)')
+
+
+def test_nvimgcodec_log_is_quiet_unless_the_user_set_it(monkeypatch, fake_codec):
+    fake_codec()
+    monkeypatch.delenv("PYNVIMGCODEC_VERBOSITY", raising=False)
+    eval_decode._nvimgcodec_module()
+    assert os.environ["PYNVIMGCODEC_VERBOSITY"] == "0"
+    monkeypatch.setenv("PYNVIMGCODEC_VERBOSITY", "3")
+    eval_decode._nvimgcodec_module()
+    assert os.environ["PYNVIMGCODEC_VERBOSITY"] == "3"
