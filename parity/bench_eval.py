@@ -291,7 +291,7 @@ def _measure(model: Path, data: Path, args: argparse.Namespace,
 
 def _report(model: Path, spec: Protocol, runs: dict[str, dict[str, Any]], skipped: dict[str, str]) -> dict[str, Any]:
     """One model's entry of eval.json: each run's figures, the skipped pipelines, ratio and agreements."""
-    keep = ("images", "images_per_s", "seconds", "warmup_s", "top1", "failures", "decode", "precision")
+    keep = ("images", "images_per_s", "seconds", "warmup_s", "first_batch_s", "top1", "failures", "decode", "precision")
     report = {"model": str(model), "protocol": spec.__dict__ | {"resize_side": spec.resize_side},
               **{name: {k: run[k] for k in keep if k in run} for name, run in runs.items()}, "skipped": dict(skipped)}
     if "fast" in runs and "baseline" in runs:
@@ -366,6 +366,17 @@ def _limit(run: dict[str, Any]) -> str | None:
             f"path reached {fast:.0f} ({100 * fast / lowest:.0f}% of it; {serial:.0f} if input and model did not overlap at all).")
 
 
+def _after_first_batch(run: dict[str, Any], batch_size: int) -> str | None:
+    """The compiled runs' rates without their first batch, where compiling happens (None when not recorded)."""
+    rates = {name: (run[name]["images"] - batch_size) / (run[name]["seconds"] - run[name]["first_batch_s"])
+             for name in COMPILED if run.get(name, {}).get("first_batch_s") is not None
+             and run[name]["images"] > batch_size}
+    if not rates:
+        return None
+    return ("Compiled runs after their first batch (compiling happens there): "
+            + "; ".join(f"{LABELS[name].split(' (')[0]} {rate:.0f} img/s" for name, rate in rates.items()) + ".")
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as a page: one table per model, rates and ratios to the baseline of the same run."""
     lines = ["# ImageNet-eval throughput", "",
@@ -386,6 +397,8 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{'' if agreement is None else f'{agreement:.2f}%'} |")
         if limit := _limit(run):
             lines += ["", limit]
+        if steady := _after_first_batch(run, report["batch_size"]):
+            lines += ["", steady]
         if run.get("skipped"):
             lines += ["", "Not measured here:", *(f"- {LABELS[name]}: {why}" for name, why in run["skipped"].items())]
         lines += ["", "Agreement on these randomly initialised stand-ins is not a quality figure: their top-1 "

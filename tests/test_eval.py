@@ -280,6 +280,7 @@ def test_padding_the_last_batch_leaves_every_score_unchanged(tmp_path, odd_image
     monkeypatch.setattr(torch, "compile", lambda model: model)  # the padding, without a compiler's run time
     compiled_shape = _eval(model, odd_images, fast=True, batch_size=3, compile=True)  # 8 images: last batch of 2
     assert compiled_shape["predictions"] == plain["predictions"] and compiled_shape["top1"] == plain["top1"]
+    assert 0 < compiled_shape["first_batch_s"] <= compiled_shape["seconds"]
 
 
 @pytest.mark.slow
@@ -437,6 +438,16 @@ def test_bench_eval_cpu_smoke(tmp_path):
     page = out.with_suffix(".md").read_text()
     assert page.count("What limits the fast path:") == 2 and "| fast (torchvision nvJPEG batched, GPU resize) |" in page
     assert page.count("- fast, nvImageCodec decode (libjpeg's chroma upsampling): --decode nvimgcodec decodes on a CUDA device") == 2
+
+
+def test_bench_eval_gives_compiled_rates_after_the_first_batch():
+    from parity.bench_eval import _after_first_batch
+
+    run = {"fast_compiled": {"images": 1000, "seconds": 12.0, "first_batch_s": 2.0},  # 744 images in 10 s
+           "fast_nvimgcodec_compiled": {"images": 1000, "seconds": 5.0},  # recorded before first_batch_s existed
+           "fast": {"images": 1000, "seconds": 1.0, "first_batch_s": 0.5}}  # not compiled: no line for it
+    assert _after_first_batch(run, 256) == "Compiled runs after their first batch (compiling happens there): fast, model compiled 74 img/s."
+    assert _after_first_batch({"fast": run["fast"]}, 256) is None
 
 
 def test_bench_eval_measures_only_the_pipelines_asked_for(tmp_path):
