@@ -450,7 +450,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def _summary(result: dict[str, Any]) -> str:
     lines = [
         f"{result['model']} on {result['data']} ({result['layout']}, {result['label_mapping']}), "
-        f"protocol {result['protocol']}, {result['pipeline']} pipeline on {result['device']}",
+        f"protocol {result['protocol']}, {result['pipeline']} pipeline on {result['device']}"
+        + (f" (JPEGs decoded by {result['decode']}, {result['precision']})" if result["pipeline"] == "fast" else ""),
         f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  images {result['images']}  "
         f"{result['images_per_s']:.1f} img/s",
     ]

@@ -396,6 +396,17 @@ def test_expect_and_json(tmp_path, bit_class1, folders, capsys):
     assert main(args + ["--fast"]) == 2  # the fast path needs CUDA
 
 
+def test_summary_names_the_fast_paths_decoder_and_precision_and_its_note(bit_class1, folders):
+    from parity.eval_run import _summary
+
+    result = _eval(bit_class1, folders, fast=True)
+    assert "fast pipeline on cpu (JPEGs decoded by cpu, tf32)" in _summary(result).splitlines()[0]
+    assert "note: " not in _summary(result)
+    note = "decoded JPEGs with torchvision's nvJPEG, ..."
+    assert _summary(result | {"decode_note": note}).splitlines()[2] == f"note: {note}"
+    assert "(JPEGs decoded" not in _summary(_eval(bit_class1, folders, fast=False))
+
+
 def test_prediction_agreement():
     a = {"predictions": [1, 2, 3, 4], "top1": 50.0, "pipeline": "faithful"}
     b = {"predictions": [1, 2, 0, 4], "top1": 25.0, "pipeline": "fast"}
