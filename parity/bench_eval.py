@@ -260,7 +260,8 @@ def _measure(model: Path, data: Path, args: argparse.Namespace,
     eval_set = find_eval_set(data)
     spec, _ = resolve_protocol(model, "original")
     warm = min(len(eval_set.samples), 2 * args.batch_size)
-    common = dict(protocol="original", device=args.device, batch_size=args.batch_size, workers=args.workers)
+    common = dict(protocol="original", device=args.device, batch_size=args.batch_size, workers=args.workers,
+                  precision=args.precision)
     size, workers = args.batch_size, args.workers
     # each pipeline: the decoder it needs (None: any) and its run for a number of images (None: all)
     jobs: dict[str, tuple[str | None, Callable[[int | None], dict[str, Any]]]] = {
@@ -345,6 +346,10 @@ LABELS = {
     "model_only_bf16_compiled": "model alone, bf16 autocast, compiled",
     "model_only_bf16-pure": "model alone, weights and activations in bf16",
     "model_only_bf16-pure_compiled": "model alone, weights and activations in bf16, compiled",
+    "model_only_fp16": "model alone, fp16 autocast",
+    "model_only_fp16_compiled": "model alone, fp16 autocast, compiled",
+    "model_only_fp16-pure": "model alone, weights and activations in fp16",
+    "model_only_fp16-pure_compiled": "model alone, weights and activations in fp16, compiled",
     "model_only_tf32": "model alone, TF32",
     "model_only_tf32_compiled": "model alone, TF32, compiled",
 }
@@ -422,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=PIPELINES, metavar="PIPELINE",
                         help=f"measure only these pipelines (of: {', '.join(PIPELINES)}); ratios and agreement "
                              "appear where their parts were measured")
+    parser.add_argument("--precision", choices=FAST_PRECISIONS, default="auto",
+                        help="the fast path's arithmetic in the evaluate() runs (default auto: the model type's, as "
+                             "`parityport eval`); the baseline stays bf16 autocast, the model-alone runs cover each")
     parser.add_argument("--model-size", choices=("full", "tiny"), help="stand-in models (default: full on CUDA, tiny on CPU)")
     parser.add_argument("--stand-ins", nargs="+", choices=STAND_INS, default=list(STAND_INS),
                         help="which random-weight stand-ins to measure when no --model is given")

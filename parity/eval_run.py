@@ -7,7 +7,7 @@ Two pipelines share one scoring loop:
   (nvImageCodec when installed, else nvJPEG through torchvision; parity/eval_decode.py) or, with
   decode="cpu", by libjpeg-turbo in the workers (PIL's exact pixels); each batch travels as one packed
   tensor, is resized with antialiasing and normalised on the GPU, the model runs in
-  channels_last under bf16 autocast, stored in bf16, or in TF32 (per model type,
+  channels_last under bf16 or fp16 autocast, stored in either, or in TF32 (per model type,
   `FAST_PRECISION`; optionally torch.compile), and a prefetch thread on its own CUDA stream prepares
   the next batch while the current one runs.
 
@@ -173,17 +173,22 @@ def _settings(fast: bool, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = fast and device.type == "cuda"
 
 
-# The fast path's arithmetic per model type ("bf16": bf16 autocast, norms and softmax in fp32;
-# "bf16-pure": weights and activations stored in bf16, as timm's validate --model-dtype bfloat16;
-# "tf32": fp32 storage, TF32 matmuls and convolutions). Measured on an H200, model alone, eager:
-# data2vec base at 224 8,270 img/s in bf16-pure, 6,882 in bf16 autocast (100% agreement on the
-# trained fixture either way); BiT-R50x1 at 448 2,605 in bf16-pure, 1,819 in TF32, 1,661 in bf16
-# autocast (its GroupNorms run in fp32 with casts around each), but BiT's trained fixture keeps
-# the faithful top-1 on 99.4-99.6% of images in bf16 against 99.8-100% in TF32: bf16-pure moves its
-# logits by 0.03 (median of the largest change per image, on CPU; at most 0.19) where 1% of its images
-# have a top-2 margin under 0.08. So BiT stays TF32; other model types take bf16 autocast.
+# The fast path's arithmetic per model type ("bf16" / "fp16": autocast to that type, norms and softmax
+# in fp32; "bf16-pure" / "fp16-pure": weights and activations stored in it, as timm's validate
+# --model-dtype; "tf32": fp32 storage, TF32 matmuls and convolutions). Measured on an H200, model
+# alone, eager: data2vec base at 224 8,270 img/s in bf16-pure, 6,882 in bf16 autocast (100% agreement
+# on the trained fixture either way); BiT-R50x1 at 448 2,605 in bf16-pure, 1,819 in TF32, 1,661 in bf16
+# autocast (its GroupNorms run in fp32 with casts around each), but BiT's trained fixture keeps the
+# faithful top-1 on 99.4-99.6% of images in bf16 against 99.8-100% in TF32: bf16-pure moves its logits
+# by 0.03 (median of the largest change per image, on CPU; at most 0.19) where 1% of its images have a
+# top-2 margin under 0.08. fp16 keeps 3 more mantissa bits: on CPU fp16-pure moves the same logits by
+# 0.004 (at most 0.027) and keeps 100% of the fixture's predictions, data2vec's by 0.0016; Hopper runs
+# fp16 and bf16 at the same tensor-core rate, but fp16-pure is not yet measured on a GPU, and fp16's
+# range ends at 65504 (an overflow stops the run: `_check_finite`). So BiT stays TF32 for now; other
+# model types take bf16 autocast.
 FAST_PRECISION = {"bit": "tf32", "data2vec-vision": "bf16-pure"}
-PRECISIONS = ("auto", "bf16", "bf16-pure", "tf32")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the half types and their names in PRECISIONS
+PRECISIONS = ("auto", *HALF, *(f"{name}-pure" for name in HALF), "tf32")
 
 
 def fast_precision(requested: str, model_type: str) -> str:
@@ -193,22 +198,29 @@ def fast_precision(requested: str, model_type: str) -> str:
     return FAST_PRECISION.get(model_type, "bf16") if requested == "auto" else requested
 
 
+def _half(precision: str) -> tuple[torch.dtype | None, bool]:
+    """The half type of `precision` (None for "tf32" and "fp32") and whether the model is stored in it."""
+    return HALF.get(precision.removesuffix("-pure")), precision.endswith("-pure")
+
+
 def fast_model(model: torch.nn.Module, precision: str, compile: bool = False) -> torch.nn.Module:
-    """The fast path's model: channels_last, its weights in bf16 for "bf16-pure", optionally torch.compile'd."""
+    """The fast path's model: channels_last, its weights in bf16 or fp16 for "*-pure", optionally torch.compile'd."""
     model = model.to(memory_format=torch.channels_last)
-    if precision == "bf16-pure":
-        model = model.to(torch.bfloat16)
+    half, pure = _half(precision)
+    if pure:
+        model = model.to(half)
     return torch.compile(model) if compile else model
 
 
 def logits(model: torch.nn.Module, pixels: torch.Tensor, precision: str) -> torch.Tensor:
     """The model's fp32 logits for `pixels`: as given in "fp32" (faithful), else channels_last in
-    bf16 autocast ("bf16"), as bf16 into a bf16 model ("bf16-pure", `fast_model`), or in fp32 with
-    TF32 convolutions and matmuls ("tf32", `_settings`)."""
+    bf16 or fp16 autocast ("bf16", "fp16"), in that type into a model stored in it ("bf16-pure",
+    "fp16-pure", `fast_model`), or in fp32 with TF32 convolutions and matmuls ("tf32", `_settings`)."""
     if precision == "fp32":
         return model(pixel_values=pixels).logits.float()
-    dtype = torch.bfloat16 if precision == "bf16-pure" else pixels.dtype
-    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    half, pure = _half(precision)
+    dtype = half if pure else pixels.dtype
+    with torch.autocast(pixels.device.type, dtype=half or torch.bfloat16, enabled=half is not None and not pure):
         return model(pixel_values=pixels.to(dtype, memory_format=torch.channels_last)).logits.float()
 
 
@@ -237,7 +249,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     in the workers, PIL's exact pixels; "auto", `eval_decode.resolve_decoder`, whose note
     lands in decode_note) and `precision` its arithmetic
     (`fast_precision`). Failed images count as wrong
-    and are listed. Under torch.distributed each rank evaluates images i % world == rank and
+    and are listed; an image whose logits are inf or NaN (fp16 overflowing, say) stops the run
+    with an InputError naming it. Under torch.distributed each rank evaluates images i % world == rank and
     every rank returns the full result. Result keys: top1, top5 (percent), images, correct,
     failures, failed_images, converted, images_per_s, protocol, model, data, layout,
     label_mapping, device, pipeline, decode, precision, first_batch_s (this rank's seconds until its
@@ -264,7 +277,11 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     indices = list(range(rank, len(eval_set.samples), world))
     batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers, decode) if fast
                else _faithful_batches(eval_set, indices, transform, spec, torch_device, batch_size, workers))
-    rows, notes, elapsed, first = _run(model, batches, labels, precision, len(indices), rank, batch_size if compile else None)
+    try:
+        rows, notes, elapsed, first = _run(model, batches, labels, precision, len(indices), rank,
+                                           batch_size if compile else None)
+    except NonFiniteLogits as error:
+        raise InputError(eval_set.samples[error.indices[0]].path, _non_finite_problem(error, precision)) from None
     return _result(eval_set, labels, rows, notes, elapsed, world, torch_device,
                    {"protocol": protocol, "protocol_spec": spec.__dict__ | {"resize_side": spec.resize_side},
                     "model": str(model_dir), "data": str(data_dir), "batch_size": batch_size,
@@ -291,7 +308,9 @@ def _run(model: torch.nn.Module, batches: Iterator[Batch], labels: LabelMap, pre
             scores = _scores(model, padded(pixels, pad_to), labels, precision)[: len(pixels)]
             k = min(5, scores.shape[1])
             top = torch.full((len(index), 5), -1, dtype=torch.long)
+            finite = scores.isfinite().all(1)
             top[:, :k] = scores.topk(k, dim=1).indices.cpu()
+            _check_finite(finite.cpu(), index, ok)
             top[~ok] = -1  # a failed image predicts nothing and counts as wrong
             rows.append(torch.cat([index.view(-1, 1), ok.long().view(-1, 1), top], dim=1))
             notes.update({int(i): n for i, n in zip(index, batch_notes) if n})
@@ -302,6 +321,31 @@ def _run(model: torch.nn.Module, batches: Iterator[Batch], labels: LabelMap, pre
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return (torch.cat(rows) if rows else torch.empty(0, 7, dtype=torch.long)), notes, elapsed, first
+
+
+class NonFiniteLogits(Exception):
+    """The model's logits were inf or NaN for `indices` (positions in the eval set), `of` images in their batch."""
+
+    def __init__(self, indices: list[int], of: int) -> None:
+        super().__init__(f"non-finite logits for images {indices}")
+        self.indices, self.of = indices, of
+
+
+def _check_finite(finite: torch.Tensor, index: torch.Tensor, ok: torch.Tensor) -> None:
+    """Stop at the first batch where a decoded image's logits are not all finite: its top-k would mean nothing."""
+    if bool((finite | ~ok).all()):
+        return
+    raise NonFiniteLogits([int(i) for i in index[~finite & ok]], len(index))
+
+
+def _non_finite_problem(error: NonFiniteLogits, precision: str) -> str:
+    """The one-line problem for `NonFiniteLogits`: an fp16 overflow, or a model that gives inf or NaN itself."""
+    where = f"the model's logits are inf or NaN in {precision} for this image"
+    if len(error.indices) > 1:
+        where += f" and {len(error.indices) - 1} more of its batch of {error.of}"
+    if _half(precision)[0] == torch.float16:
+        return f"{where}: fp16 ends at 65504 and this model's activations overflow it; use --precision bf16-pure or tf32"
+    return f"{where}: its weights give non-finite outputs (check the folder with `parityport parity`)"
 
 
 def padded(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -408,8 +452,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "the workers (cpu: libjpeg-turbo, PIL's exact pixels, for predictions identical to the "
                              "faithful path's); auto (default): nvimgcodec when installed, else gpu, with a note")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="fast path arithmetic: bf16 autocast, bf16-pure (weights and activations in bf16), "
-                             "or TF32 (auto: TF32 for BiT, bf16-pure for data2vec 1.0, bf16 otherwise)")
+                        help="fast path arithmetic: bf16 or fp16 autocast, bf16-pure or fp16-pure (weights and "
+                             "activations stored in that type), or TF32 (auto: TF32 for BiT, bf16-pure for data2vec "
+                             "1.0, bf16 otherwise); fp16 is 8x finer than bf16 but ends at 65504, and a model whose "
+                             "activations overflow it stops the run with an error")
     parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")
     parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here")
     parser.add_argument("--agree-with", type=Path, help="a previous --json result to compare predictions with")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -299,13 +300,17 @@ def test_fast_precision_per_model_type():
 
     assert [fast_precision("auto", t) for t in ("bit", "data2vec-vision", "data2vec2-vision")] == ["tf32", "bf16-pure", "bf16"]
     assert fast_precision("bf16", "bit") == "bf16"
-    with pytest.raises(InputError, match="precision must be one of auto, bf16, bf16-pure, tf32, not 'fp16'"):
-        fast_precision("fp16", "bit")
+    assert fast_precision("fp16-pure", "bit") == "fp16-pure"
+    with pytest.raises(InputError, match="precision must be one of auto, bf16, fp16, bf16-pure, fp16-pure, tf32, not 'fp8'"):
+        fast_precision("fp8", "bit")
+
+
+HALF_TYPES = {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp16": torch.float16, "fp16-pure": torch.float16}
 
 
 @pytest.mark.parametrize("maker", [make_bit, make_data2vec], ids=["bit", "data2vec"])
-@pytest.mark.parametrize("precision", ["bf16", "bf16-pure"])
-def test_bf16_fast_models_compute_the_fp32_function(tmp_path, maker, precision):
+@pytest.mark.parametrize("precision", list(HALF_TYPES))
+def test_half_fast_models_compute_the_fp32_function(tmp_path, maker, precision):
     from parity.eval_run import fast_model, load_model, logits
 
     folder = maker(tmp_path / "rand", seed=3)
@@ -314,16 +319,61 @@ def test_bf16_fast_models_compute_the_fp32_function(tmp_path, maker, precision):
         reference = logits(load_model(folder, torch.device("cpu")), x, "fp32")
         model = fast_model(load_model(folder, torch.device("cpu")), precision)
         ours = logits(model, x, precision)
+    half = HALF_TYPES[precision]
     weights = {p.dtype for p in model.parameters()}
-    assert weights == ({torch.bfloat16} if precision == "bf16-pure" else {torch.float32}) and ours.dtype == torch.float32
-    # a few layers of bf16 rounding (2^-8 relative each): within 8 of them of the largest logit
+    assert weights == ({half} if precision.endswith("-pure") else {torch.float32}) and ours.dtype == torch.float32
+    # a few layers of rounding (half of eps, relative, each: 2^-8 in bf16, 2^-11 in fp16): within 4 of
+    # them of the largest logit. These models measured 1.0-1.1e-3 of it in fp16 and 4.2e-3-1.0e-2 in
+    # bf16, so bf16 arithmetic where fp16 was asked for fails.
     error, scale = float((ours - reference).abs().max()), float(reference.abs().max())
-    assert error <= 2**-5 * scale, f"{precision}: max-abs {error:.3g} against logits up to {scale:.3g}"
+    assert error <= 2 * torch.finfo(half).eps * scale, f"{precision}: max-abs {error:.3g} against logits up to {scale:.3g}"
 
 
-def test_bf16_pure_fast_path_end_to_end(bit_class1, odd_images):
-    result = _eval(bit_class1, odd_images, fast=True, precision="bf16-pure")
-    assert result["precision"] == "bf16-pure" and result["failures"] == 2 and result["top1"] == pytest.approx(400 / 8)
+def _overflowing_fp16(path: Path) -> Path:
+    """A tiny BiT predicting class 1 by a head bias of 1e5: finite in fp32 and bf16, beyond fp16's 65504."""
+    from parity.eval_run import load_model
+
+    model = load_model(make_bit(path, order=[1, 2, 0]), torch.device("cpu"))
+    with torch.no_grad():
+        model.classifier[-1].bias[1] = 1e5
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp16-pure"])
+def test_fp16_overflow_stops_the_run_naming_the_image(tmp_path, folders, precision):
+    from converters.errors import InputError
+
+    model = _overflowing_fp16(tmp_path / "model")
+    first = sorted((folders / WNIDS[0]).iterdir())[0]
+    with pytest.raises(InputError) as caught:
+        _eval(model, folders, fast=True, precision=precision)
+    assert str(caught.value) == (f"{first}: the model's logits are inf or NaN in {precision} for this image and 3 more "
+                                 "of its batch of 4: fp16 ends at 65504 and this model's activations overflow it; "
+                                 "use --precision bf16-pure or tf32")
+    assert _eval(model, folders, fast=True, precision="bf16-pure")["predictions"] == [1] * 10
+
+
+def test_non_finite_logits_in_fp32_blame_the_weights(tmp_path, folders):
+    from converters.errors import InputError
+    from parity.eval_run import load_model
+
+    path = tmp_path / "model"
+    model = load_model(make_bit(path), torch.device("cpu"))
+    with torch.no_grad():
+        model.classifier[-1].bias[3] = float("nan")
+    model.save_pretrained(path)
+    first = sorted((folders / WNIDS[0]).iterdir())[0]
+    with pytest.raises(InputError, match="^" + re.escape(f"{first}: the model's logits are inf or NaN in fp32 for this "
+                                                         "image and 3 more of its batch of 4: its weights give non-finite "
+                                                         "outputs (check the folder with `parityport parity`)") + "$"):
+        _eval(path, folders)
+
+
+@pytest.mark.parametrize("precision", ["bf16-pure", "fp16-pure"])
+def test_pure_half_fast_path_end_to_end(bit_class1, odd_images, precision):
+    result = _eval(bit_class1, odd_images, fast=True, precision=precision)
+    assert result["precision"] == precision and result["failures"] == 2 and result["top1"] == pytest.approx(400 / 8)
 
 
 def test_hub_and_timm_protocols(bit_class1):
@@ -466,11 +516,14 @@ def test_bench_eval_measures_only_the_pipelines_asked_for(tmp_path):
 
     out = tmp_path / "eval.json"
     assert bench_eval.main(["--device", "cpu", "--images", "6", "--workers", "0", "--batch-size", "3", "--cache",
-                            str(tmp_path), "--out", str(out), "--stand-ins", "bit", "--only", "model_only_tf32", "fast"]) == 0
+                            str(tmp_path), "--out", str(out), "--stand-ins", "bit", "--precision", "fp16-pure",
+                            "--only", "model_only_fp16-pure", "fast"]) == 0
     [run] = json.loads(out.read_text())["runs"]
-    assert {k for k in run if k not in ("model", "protocol", "skipped")} == {"fast", "model_only_tf32"}
+    assert {k for k in run if k not in ("model", "protocol", "skipped")} == {"fast", "model_only_fp16-pure"}
+    assert run["fast"]["precision"] == "fp16-pure"
     page = out.with_suffix(".md").read_text()
-    assert "| model alone, TF32 |" in page and "What limits" not in page and "| baseline (timm" not in page
+    assert "| model alone, weights and activations in fp16 |" in page and "Fast path precision: fp16-pure." in page
+    assert "What limits" not in page and "| baseline (timm" not in page
 
 
 def test_hub_protocol_for_data2vec_squash(tmp_path):

@@ -168,7 +168,7 @@ def test_fast_gpu_path_agrees_with_faithful(family: str, decode: str, records, c
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @BY_FAMILY
-@pytest.mark.parametrize("precision", ["bf16", "bf16-pure", "tf32"])
+@pytest.mark.parametrize("precision", ["bf16", "bf16-pure", "fp16", "fp16-pure", "tf32"])
 def test_fast_gpu_arithmetic_agrees_with_faithful(family: str, precision: str, records, converted, request) -> None:
     """PIL's pixels (decode="cpu") on both paths, so the agreement measures the fast path's arithmetic alone."""
     if (family, precision) in BELOW_BAR_IN_BF16:
