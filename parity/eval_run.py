@@ -253,7 +253,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     with an InputError naming it. Under torch.distributed each rank evaluates images i % world == rank and
     every rank returns the full result. Result keys: top1, top5 (percent), images, correct,
     failures, failed_images, converted, images_per_s, protocol, model, data, layout,
-    label_mapping, device, pipeline, decode, precision, first_batch_s (this rank's seconds until its
+    label_mapping, preprocessing (the protocol in words), device, pipeline, decode, precision, first_batch_s (this rank's seconds until its
     first batch was scored), batch_size, world_size, predictions (top-1 output per
     image, -1 for a failure, in the set's order).
     """
@@ -284,6 +284,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
         raise InputError(eval_set.samples[error.indices[0]].path, _non_finite_problem(error, precision)) from None
     return _result(eval_set, labels, rows, notes, elapsed, world, torch_device,
                    {"protocol": protocol, "protocol_spec": spec.__dict__ | {"resize_side": spec.resize_side},
+                    "preprocessing": spec.describe(),
                     "model": str(model_dir), "data": str(data_dir), "batch_size": batch_size,
                     "pipeline": "fast" if fast else "faithful", "device": str(torch_device),
                     "decode": (decode if torch_device.type == "cuda" else "cpu") if fast else "PIL", "precision": precision,
@@ -432,7 +433,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `parityport eval`'s options to a (sub)parser."""
     parser.add_argument("--model", required=True, help="converted model folder (config.json + weights)")
     parser.add_argument("--data", required=True, help="validation folder (class subfolders, ILSVRC2012 flat + devkit, or LOC csv)")
-    parser.add_argument("--protocol", choices=PROTOCOL_NAMES, default="original", help="preprocessing (default: original)")
+    parser.add_argument("--protocol", nargs="+", choices=PROTOCOL_NAMES, default=["original"], metavar="PROTOCOL",
+                        help=f"preprocessing, of {', '.join(PROTOCOL_NAMES)} (default: original); several are "
+                             "evaluated in turn and shown side by side, and --expect is about the first")
     parser.add_argument("--expect", type=float, help="expected top-1 (percent); exit 1 when off by more than --tolerance")
     parser.add_argument("--tolerance", type=float, default=0.1, help="allowed |top1 - expect| in points (default 0.1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
@@ -457,7 +460,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "1.0, bf16 otherwise); fp16 is 8x finer than bf16 but ends at 65504, and a model whose "
                              "activations overflow it stops the run with an error")
     parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")
-    parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here")
+    parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here; with "
+                             "several protocols {protocols, runs: {protocol: result}, side_by_side: [...]}")
     parser.add_argument("--agree-with", type=Path, help="a previous --json result to compare predictions with")
 
 
@@ -472,31 +476,61 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run `parityport eval` from parsed arguments; return the exit code (0 ok, 1 --expect missed, 2 bad input)."""
     try:
         _check_device(args)
-        result = evaluate(args.model, args.data, protocol=args.protocol, device=args.device, batch_size=args.batch_size,
-                          workers=args.workers, fast=args.fast, limit=args.limit, compile=args.compile,
-                          decode=args.decode, precision=args.precision)
+        results = [evaluate(args.model, args.data, protocol=protocol, device=args.device, batch_size=args.batch_size,
+                            workers=args.workers, fast=args.fast, limit=args.limit, compile=args.compile,
+                            decode=args.decode, precision=args.precision)
+                   for protocol in dict.fromkeys(args.protocol)]
         if args.agree_with:
             from parity.protocols import read_json
 
-            result["agreement"] = prediction_agreement(result, read_json(args.agree_with))
+            other = read_json(args.agree_with)
+            for result in results:
+                result["agreement"] = prediction_agreement(result, other)
     except InputError as error:
         if getattr(args, "debug", False):
             raise
         print(f"parityport eval: error: {error}", file=sys.stderr)
         return 2
+    result = results[0]
     if result.get("world_size", 1) > 1 and dist.get_rank() != 0:
         return _exit_code(result, args, quiet=True)
-    print(_summary(result))
+    print("\n".join(_summary(r) for r in results))
+    rows = side_by_side(results, args.expect)
+    if len(results) > 1:
+        print(_side_by_side_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        written = result if len(results) == 1 else {"protocols": [r["protocol"] for r in results],
+                                                    "runs": {r["protocol"]: r for r in results}, "side_by_side": rows}
+        args.json.write_text(json.dumps(written, indent=1) + "\n")
     return _exit_code(result, args)
+
+
+def side_by_side(results: Sequence[dict[str, Any]], expect: float | None = None) -> list[dict[str, Any]]:
+    """One row per protocol's result: its preprocessing, top-1/top-5, gap to `expect` (None without
+    one) and agreement with the first result's predictions (`prediction_agreement`)."""
+    return [{"protocol": r["protocol"], "preprocessing": r["preprocessing"], "top1": r["top1"], "top5": r["top5"],
+             "gap_to_expected": None if expect is None else r["top1"] - expect,
+             "agreement_with_first": prediction_agreement(r, results[0])} for r in results]
+
+
+def _side_by_side_table(rows: list[dict[str, Any]]) -> str:
+    """`side_by_side`'s rows as a Markdown table (it reads as text and pastes into a model card)."""
+    expected = rows[0]["gap_to_expected"] is not None
+    lines = [f"protocols side by side (agreement: images with the same top-1 as under {rows[0]['protocol']}):",
+             "| protocol | preprocessing | top-1 | top-5 |" + " vs expected |" * expected + " agreement |",
+             "|---|---|---|---|" + "---|" * expected + "---|"]
+    for row in rows:
+        gap = f" {row['gap_to_expected']:+.3f} |" if expected else ""
+        lines.append(f"| {row['protocol']} | {row['preprocessing']} | {row['top1']:.3f}% | {row['top5']:.3f}% |{gap} "
+                     f"{row['agreement_with_first']['agreement']:.2f}% |")
+    return "\n".join(lines)
 
 
 def _summary(result: dict[str, Any]) -> str:
     lines = [
         f"{result['model']} on {result['data']} ({result['layout']}, {result['label_mapping']}), "
-        f"protocol {result['protocol']}, {result['pipeline']} pipeline on {result['device']}"
+        f"protocol {result['protocol']} ({result['preprocessing']}), {result['pipeline']} pipeline on {result['device']}"
         + (f" (JPEGs decoded by {result['decode']}, {result['precision']})" if result["pipeline"] == "fast" else ""),
         f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  images {result['images']}  "
         f"{result['images_per_s']:.1f} img/s",

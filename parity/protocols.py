@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,22 @@ class Protocol:
     def resize_side(self) -> int:
         """The resize target side: explicit, or floor(image_size / crop_pct) as timm and BEiT do."""
         return self.resize_size or math.floor(self.image_size / self.crop_pct)
+
+    def describe(self) -> str:
+        """The pipeline in words: "shorter side to 256 bicubic, centre crop 224, mean 0.5 std 0.5"."""
+        side = self.resize_side
+        steps = [f"squash to {side}x{side}" if self.resize == "squash" else f"shorter side to {side}"]
+        steps[0] += f" {self.interpolation}"
+        if self.resize == "shorter" or side != self.image_size:
+            steps.append(f"centre crop {self.image_size}")
+        steps.append(f"mean {_levels(self.mean)} std {_levels(self.std)}")
+        return ", ".join(steps)
+
+
+def _levels(values: Sequence[float]) -> str:
+    """Per-channel constants as "0.5" when all equal, else "0.485/0.456/0.406"."""
+    text = [f"{float(v):g}" for v in values]
+    return text[0] if len(set(text)) == 1 else "/".join(text)
 
 
 # The published eval pipelines (shared/research/bit.md §5, data2vec.md §4).

@@ -446,6 +446,55 @@ def test_expect_and_json(tmp_path, bit_class1, folders, capsys):
     assert main(args + ["--fast"]) == 2  # the fast path needs CUDA
 
 
+def test_protocols_side_by_side_end_to_end(tmp_path, bit_class1, folders, capsys):
+    out = tmp_path / "r.json"
+    assert main(["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--workers", "0", "--protocol",
+                 "original", "hub", "timm", "hub", "--expect", "30", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["protocols"] == ["original", "hub", "timm"] and list(written["runs"]) == written["protocols"]
+    assert [run["top1"] for run in written["runs"].values()] == [30.0] * 3  # the head ignores the pixels
+    assert [row["agreement_with_first"]["agreement"] for row in written["side_by_side"]] == [100.0] * 3
+    printed = capsys.readouterr().out
+    assert "protocol hub (shorter side to 36 bilinear, centre crop 32, mean 0.5 std 0.5), faithful pipeline" in printed
+    table = printed[printed.index("protocols side by side"):].splitlines()
+    assert table[:5] == [
+        "protocols side by side (agreement: images with the same top-1 as under original):",
+        "| protocol | preprocessing | top-1 | top-5 | vs expected | agreement |", "|---|---|---|---|---|---|",
+        "| original | squash to 36x36 bilinear, centre crop 32, mean 0.5 std 0.5 | 30.000% | 100.000% | +0.000 | 100.00% |",
+        "| hub | shorter side to 36 bilinear, centre crop 32, mean 0.5 std 0.5 | 30.000% | 100.000% | +0.000 | 100.00% |"]
+
+
+def test_expect_is_about_the_first_protocol(monkeypatch, capsys):
+    import parity.eval_run as eval_run
+
+    top1 = {"original": 84.2, "hub": 83.97}
+    predictions = {"original": [1, 2, 3, 4], "hub": [1, 2, 0, 4]}
+    monkeypatch.setattr(eval_run, "evaluate", lambda model, data, protocol, **kw: {
+        "protocol": protocol, "preprocessing": f"{protocol} steps", "top1": top1[protocol], "top5": 99.0,
+        "predictions": predictions[protocol], "model": model, "data": data, "layout": "class-folders",
+        "label_mapping": "imagenet-1k", "pipeline": "faithful", "device": "cpu", "images": 4, "images_per_s": 1.0,
+        "failures": 0, "converted": {}})
+    args = ["--model", "m", "--data", "d", "--device", "cpu", "--expect", "84.2"]
+    assert main(args + ["--protocol", "original", "hub"]) == 0
+    table = capsys.readouterr().out.splitlines()[-3:]
+    assert table == ["| original | original steps | 84.200% | 99.000% | +0.000 | 100.00% |",
+                     "| hub | hub steps | 83.970% | 99.000% | -0.230 | 75.00% |",
+                     "top-1 within 0.1 of the expected 84.200% (gap +0.000)"]
+    assert main(args + ["--protocol", "hub", "original"]) == 1
+    assert "top-1 83.970% is -0.230 points from the expected 84.200%" in capsys.readouterr().err
+
+
+def test_protocol_descriptions():
+    from parity.protocols import ORIGINAL, Protocol
+
+    assert [p.describe() for p in ORIGINAL.values()] == [
+        "squash to 480x480 bilinear, mean 0.5 std 0.5",
+        "shorter side to 256 bicubic, centre crop 224, mean 0.5 std 0.5",
+        "shorter side to 256 bicubic, centre crop 224, mean 0.485/0.456/0.406 std 0.229/0.224/0.225"]
+    squash_crop = Protocol("x", "squash", 224, 0.9, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    assert squash_crop.describe() == "squash to 248x248 bicubic, centre crop 224, mean 0.5 std 0.5"
+
+
 def test_summary_names_the_fast_paths_decoder_and_precision_and_its_note(bit_class1, folders):
     from parity.eval_run import _summary
 
