@@ -57,7 +57,10 @@ class Protocol:
 
     ``resize`` is "squash" (both sides to `resize_side`) or "shorter" (shorter
     side to `resize_side`, ratio kept); then a centre crop of `image_size`
-    (a no-op when the resized image already has that size).
+    (a no-op when the resized image already has that size), whose offset
+    (margin / 2) is rounded as torchvision's CenterCrop does ("round") or
+    floored as transformers' image processors do ("floor"): where the margin
+    is odd, the two crops sit one pixel apart.
     """
 
     name: str
@@ -68,6 +71,7 @@ class Protocol:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize_size: int | None = None
+    crop_offset: str = "round"  # "round" | "floor"
 
     @property
     def resize_side(self) -> int:
@@ -80,7 +84,7 @@ class Protocol:
         steps = [f"squash to {side}x{side}" if self.resize == "squash" else f"shorter side to {side}"]
         steps[0] += f" {self.interpolation}"
         if self.resize == "shorter" or side != self.image_size:
-            steps.append(f"centre crop {self.image_size}")
+            steps.append(f"centre crop {self.image_size}" + " (offset rounded down)" * (self.crop_offset == "floor"))
         steps.append(f"mean {_levels(self.mean)} std {_levels(self.std)}")
         return ", ".join(steps)
 
@@ -258,6 +262,7 @@ def protocol_from_processor(cfg: dict[str, Any]) -> Protocol:
         tuple(cfg.get("image_mean") or (0.0,) * 3) if normalize else (0.0,) * 3,
         tuple(cfg.get("image_std") or (1.0,) * 3) if normalize else (1.0,) * 3,
         resize_size=side,
+        crop_offset="floor",  # transformers' center_crop: (H - size) // 2
     )
 
 
@@ -297,8 +302,11 @@ def resized_shape(height: int, width: int, protocol: Protocol) -> tuple[int, int
     return (side, other) if height <= width else (other, side)
 
 
-def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
-    """(top, left) of torchvision's CenterCrop: int(round((H - size) / 2))."""
+def center_crop_box(height: int, width: int, size: int, offset: str = "round") -> tuple[int, int]:
+    """(top, left) of a centre crop: int(round((H - size) / 2)) as torchvision's CenterCrop, or
+    (H - size) // 2 as transformers' center_crop (`offset="floor"`)."""
+    if offset == "floor":
+        return (height - size) // 2, (width - size) // 2
     return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
 
 
@@ -315,7 +323,7 @@ def resize_group(images: torch.Tensor, protocol: Protocol) -> torch.Tensor:
             x = F.interpolate(x, size=size_hw, mode=protocol.interpolation, align_corners=False, antialias=True)
             x = x.round_().clamp_(0, 255)
     size = protocol.image_size
-    top, left = center_crop_box(out_h, out_w, size)
+    top, left = center_crop_box(out_h, out_w, size, protocol.crop_offset)
     return x[:, :, top : top + size, left : left + size]
 
 

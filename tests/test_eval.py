@@ -231,6 +231,19 @@ def test_tensor_path_matches_faithful(family):
     assert ((fast - faithful).abs() > step / 2).float().mean() <= 0.01  # PIL-exact but for rare rounding ties
 
 
+def test_tensor_path_crops_where_the_hub_processor_does(tmp_path):
+    import dataclasses
+
+    spec, hub = protocols.resolve_protocol(make_bit(tmp_path / "m"), "hub")  # shorter side 36, crop 32
+    image = _image(7, (69, 45))  # resized to 55 x 36: a margin of 23 columns
+    assert spec.crop_offset == "floor" and [protocols.center_crop_box(36, 55, 32, o)[1] for o in ("floor", "round")] == [11, 12]
+    tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    step = 1 / 127.5
+    assert (protocols.batch_transform([tensor], spec)[0] - hub(image)).abs().max() <= 1.01 * step
+    rounded = protocols.batch_transform([tensor], dataclasses.replace(spec, crop_offset="round"))[0]
+    assert (rounded - hub(image)).abs().max() > 8 * step  # torchvision's offset: one column to the right
+
+
 @pytest.mark.parametrize("family", ["bit", "data2vec-vision"])
 def test_batch_transform_groups_sizes_without_changing_any_image(family):
     spec = protocols.apply_overrides(protocols.ORIGINAL[family], {"image_size": 24})
@@ -455,13 +468,14 @@ def test_protocols_side_by_side_end_to_end(tmp_path, bit_class1, folders, capsys
     assert [run["top1"] for run in written["runs"].values()] == [30.0] * 3  # the head ignores the pixels
     assert [row["agreement_with_first"]["agreement"] for row in written["side_by_side"]] == [100.0] * 3
     printed = capsys.readouterr().out
-    assert "protocol hub (shorter side to 36 bilinear, centre crop 32, mean 0.5 std 0.5), faithful pipeline" in printed
+    assert "protocol hub (shorter side to 36 bilinear, centre crop 32 (offset rounded down), mean 0.5 std 0.5), faithful pipeline" in printed
     table = printed[printed.index("protocols side by side"):].splitlines()
     assert table[:5] == [
         "protocols side by side (agreement: images with the same top-1 as under original):",
         "| protocol | preprocessing | top-1 | top-5 | vs expected | agreement |", "|---|---|---|---|---|---|",
         "| original | squash to 36x36 bilinear, centre crop 32, mean 0.5 std 0.5 | 30.000% | 100.000% | +0.000 | 100.00% |",
-        "| hub | shorter side to 36 bilinear, centre crop 32, mean 0.5 std 0.5 | 30.000% | 100.000% | +0.000 | 100.00% |"]
+        "| hub | shorter side to 36 bilinear, centre crop 32 (offset rounded down), mean 0.5 std 0.5 | 30.000% | 100.000% | +0.000 "
+        "| 100.00% |"]
 
 
 def test_expect_is_about_the_first_protocol(monkeypatch, capsys):
