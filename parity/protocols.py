@@ -12,10 +12,13 @@ Two appliers:
 - `faithful_transform` runs on a PIL image in a DataLoader worker, with the
   exact library code of the protocol (torchvision PIL transforms for
   `original`, the transformers PIL image processor for `hub`, timm's
-  `create_transform` for `timm`).
+  `create_transform` for `timm`). transformers' default backend for image
+  processors is now torchvision on tensors, whose antialiased resize is not
+  PIL's; `hub` asks for the PIL backend, the only one of earlier releases.
 - `batch_transform` runs on decoded uint8 tensors (any device), resizing each
   image with antialiasing, rounding to uint8 levels as PIL does, then
-  centre-cropping and normalising the batch.
+  centre-cropping (with the protocol's offset rounding: transformers floors
+  where torchvision rounds) and normalising the batch.
 
 Folder overrides (for models evaluated at their own resolution): an optional
 ``"parityport": {...}`` block in preprocessor_config.json, or
