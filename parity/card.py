@@ -72,6 +72,22 @@ def catalog_entry(source_file: str | None, source_sha256: str | None = None) -> 
     return None
 
 
+def folder_catalog_entry(folder: Path) -> tuple[Entry | None, bool]:
+    """The catalog entry a converted folder was made from (None when unknown or not a converted
+    folder) and whether its source was a synthetic stand-in rather than the published file."""
+    try:
+        facts = _folder_facts(Path(folder))
+    except InputError:
+        return None, False
+    meta = facts["meta"]
+    return catalog_entry(meta.get("source_file"), meta.get("source_sha256")), is_synthetic(facts["parity"])
+
+
+def published_figure(entry: Entry | None, protocol: str):
+    """The catalog's first published top-1 measured with exactly this protocol, or None."""
+    return next((p for p in (entry.published if entry else ()) if p.protocol == protocol), None)
+
+
 def _recorded_command(folder: Path) -> str | None:
     """The convert command recorded in the folder's current card, if any."""
     if not (folder / CARD_FILE).is_file():

@@ -486,6 +486,7 @@ def run_eval(args: argparse.Namespace) -> int:
             other = read_json(args.agree_with)
             for result in results:
                 result["agreement"] = prediction_agreement(result, other)
+        _add_published(results, Path(args.model))
     except InputError as error:
         if getattr(args, "debug", False):
             raise
@@ -506,10 +507,25 @@ def run_eval(args: argparse.Namespace) -> int:
     return _exit_code(result, args)
 
 
+def _add_published(results: list[dict[str, Any]], model_dir: Path) -> None:
+    """Give each result the catalog's published top-1 for its protocol, where the folder was converted
+    from a catalogued checkpoint and the catalog has a figure measured with that protocol."""
+    from parity.card import folder_catalog_entry, published_figure
+
+    entry, synthetic = folder_catalog_entry(model_dir)
+    for result in results:
+        if (figure := published_figure(entry, result["protocol"])) is not None:
+            result["published"] = {"top1": figure.top1, "dataset": figure.dataset, "source": figure.source,
+                                   "catalog_entry": entry.name,
+                                   "gap": result["top1"] - figure.top1, "synthetic_weights": synthetic}
+
+
 def side_by_side(results: Sequence[dict[str, Any]], expect: float | None = None) -> list[dict[str, Any]]:
-    """One row per protocol's result: its preprocessing, top-1/top-5, gap to `expect` (None without
-    one) and agreement with the first result's predictions (`prediction_agreement`)."""
+    """One row per protocol's result: its preprocessing, top-1/top-5, the published top-1 for it (None
+    when not catalogued), gap to `expect` (None without one) and agreement with the first result's
+    predictions (`prediction_agreement`)."""
     return [{"protocol": r["protocol"], "preprocessing": r["preprocessing"], "top1": r["top1"], "top5": r["top5"],
+             "published_top1": r.get("published", {}).get("top1"),
              "gap_to_expected": None if expect is None else r["top1"] - expect,
              "agreement_with_first": prediction_agreement(r, results[0])} for r in results]
 
@@ -517,13 +533,18 @@ def side_by_side(results: Sequence[dict[str, Any]], expect: float | None = None)
 def _side_by_side_table(rows: list[dict[str, Any]]) -> str:
     """`side_by_side`'s rows as a Markdown table (it reads as text and pastes into a model card)."""
     expected = rows[0]["gap_to_expected"] is not None
+    published = any(row["published_top1"] is not None for row in rows)
     lines = [f"protocols side by side (agreement: images with the same top-1 as under {rows[0]['protocol']}):",
-             "| protocol | preprocessing | top-1 | top-5 |" + " vs expected |" * expected + " agreement |",
-             "|---|---|---|---|" + "---|" * expected + "---|"]
+             "| protocol | preprocessing | top-1 | top-5 |" + " published (gap) |" * published + " vs expected |" * expected
+             + " agreement |", "|---|---|---|---|" + "---|" * (published + expected) + "---|"]
     for row in rows:
-        gap = f" {row['gap_to_expected']:+.3f} |" if expected else ""
-        lines.append(f"| {row['protocol']} | {row['preprocessing']} | {row['top1']:.3f}% | {row['top5']:.3f}% |{gap} "
-                     f"{row['agreement_with_first']['agreement']:.2f}% |")
+        figure, cells = row["published_top1"], []
+        if published:
+            cells.append("none catalogued" if figure is None else f"{figure:g}% ({row['top1'] - figure:+.3f})")
+        if expected:
+            cells.append(f"{row['gap_to_expected']:+.3f}")
+        lines.append(f"| {row['protocol']} | {row['preprocessing']} | {row['top1']:.3f}% | {row['top5']:.3f}% | "
+                     + "".join(f"{cell} | " for cell in cells) + f"{row['agreement_with_first']['agreement']:.2f}% |")
     return "\n".join(lines)
 
 
@@ -540,6 +561,13 @@ def _summary(result: dict[str, Any]) -> str:
         lines += [f"  {f['path']}: {f['error']}" for f in result["failed_images"][:10]]
     if result["converted"]:
         lines.append("decoded after conversion to RGB: " + ", ".join(f"{k} x{v}" for k, v in result["converted"].items()))
+    if "published" in result:
+        published = result["published"]
+        lines.append(f"published top-1 under this protocol on {published['dataset']}: {published['top1']:g}% "
+                     f"({published['source']}); "
+                     f"this run {published['gap']:+.3f}"
+                     + ("; this folder was converted from a synthetic stand-in, not the published weights"
+                        if published["synthetic_weights"] else ""))
     if "decode_note" in result:
         lines.append(f"note: {result['decode_note']}")
     if "agreement" in result:

@@ -478,16 +478,19 @@ def test_protocols_side_by_side_end_to_end(tmp_path, bit_class1, folders, capsys
         "| 100.00% |"]
 
 
-def test_expect_is_about_the_first_protocol(monkeypatch, capsys):
+def _canned_evaluate(monkeypatch, top1: dict[str, float], predictions: dict[str, list[int]]) -> None:
+    """`evaluate` answering each protocol with the given top-1 and predictions (4 images)."""
     import parity.eval_run as eval_run
 
-    top1 = {"original": 84.2, "hub": 83.97}
-    predictions = {"original": [1, 2, 3, 4], "hub": [1, 2, 0, 4]}
     monkeypatch.setattr(eval_run, "evaluate", lambda model, data, protocol, **kw: {
         "protocol": protocol, "preprocessing": f"{protocol} steps", "top1": top1[protocol], "top5": 99.0,
         "predictions": predictions[protocol], "model": model, "data": data, "layout": "class-folders",
         "label_mapping": "imagenet-1k", "pipeline": "faithful", "device": "cpu", "images": 4, "images_per_s": 1.0,
         "failures": 0, "converted": {}})
+
+
+def test_expect_is_about_the_first_protocol(monkeypatch, capsys):
+    _canned_evaluate(monkeypatch, {"original": 84.2, "hub": 83.97}, {"original": [1, 2, 3, 4], "hub": [1, 2, 0, 4]})
     args = ["--model", "m", "--data", "d", "--device", "cpu", "--expect", "84.2"]
     assert main(args + ["--protocol", "original", "hub"]) == 0
     table = capsys.readouterr().out.splitlines()[-3:]
@@ -496,6 +499,33 @@ def test_expect_is_about_the_first_protocol(monkeypatch, capsys):
                      "top-1 within 0.1 of the expected 84.200% (gap +0.000)"]
     assert main(args + ["--protocol", "hub", "original"]) == 1
     assert "top-1 83.970% is -0.230 points from the expected 84.200%" in capsys.readouterr().err
+
+
+def test_published_figures_stand_beside_their_protocols(monkeypatch, tmp_path, capsys):
+    import parity.card as card
+    from checkpoints.catalog import lookup
+
+    entry = lookup("data2vec-vision-base-ft1k")  # published: 84.2 with the original protocol, 83.97 with the hub's
+    monkeypatch.setattr(card, "folder_catalog_entry", lambda folder: (entry, False))
+    _canned_evaluate(monkeypatch, {"original": 84.21, "hub": 83.97, "timm": 84.1},
+                     {"original": [1, 2, 3, 4], "hub": [1, 2, 0, 4], "timm": [1, 2, 3, 0]})
+    out = tmp_path / "r.json"
+    assert main(["--model", "m", "--data", "d", "--device", "cpu", "--protocol", "original", "hub", "timm",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[2] == ("published top-1 under this protocol on imagenet-1k-val: 84.2% (data2vec paper (arXiv "
+                          "2202.03555), ViT-B, as quoted on the hub model card); this run +0.010")
+    assert printed[-5:-3] == ["| protocol | preprocessing | top-1 | top-5 | published (gap) | agreement |",
+                              "|---|---|---|---|---|---|"]
+    assert printed[-3:] == ["| original | original steps | 84.210% | 99.000% | 84.2% (+0.010) | 100.00% |",
+                            "| hub | hub steps | 83.970% | 99.000% | 83.97% (+0.000) | 75.00% |",
+                            "| timm | timm steps | 84.100% | 99.000% | none catalogued | 75.00% |"]
+    runs = json.loads(out.read_text())["runs"]
+    assert runs["hub"]["published"]["catalog_entry"] == "data2vec-vision-base-ft1k" and "published" not in runs["timm"]
+    monkeypatch.setattr(card, "folder_catalog_entry", lambda folder: (entry, True))
+    assert main(["--model", "m", "--data", "d", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].endswith(
+        "this run +0.010; this folder was converted from a synthetic stand-in, not the published weights")
 
 
 def test_protocol_descriptions():
