@@ -191,11 +191,18 @@ HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the half types and the
 PRECISIONS = ("auto", *HALF, *(f"{name}-pure" for name in HALF), "tf32")
 
 
-def fast_precision(requested: str, model_type: str) -> str:
-    """The fast path's precision: `requested`, or for "auto" the model type's entry of FAST_PRECISION."""
+def fast_precision(requested: str, model_type: str, device: torch.device | None = None) -> str:
+    """The fast path's precision: `requested`, or for "auto" the model type's entry of FAST_PRECISION,
+    its bf16 made fp16 on a CUDA device without bf16 arithmetic of its own (before Ampere: V100, T4),
+    where torch would emulate bf16 far slower than fp16 runs."""
     if requested not in PRECISIONS:
         raise InputError(None, f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
-    return FAST_PRECISION.get(model_type, "bf16") if requested == "auto" else requested
+    if requested != "auto":
+        return requested
+    choice = FAST_PRECISION.get(model_type, "bf16")
+    if device is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return choice.replace("bf16", "fp16")
+    return choice
 
 
 def _half(precision: str) -> tuple[torch.dtype | None, bool]:
@@ -271,7 +278,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     spec, transform = resolve_protocol(model_dir, protocol)
     model = load_model(model_dir, torch_device)
     labels = resolve_labels(eval_set, model.config)
-    precision = fast_precision(precision, model.config.model_type) if fast else "fp32"
+    precision = fast_precision(precision, model.config.model_type, torch_device) if fast else "fp32"
     if fast:
         model = fast_model(model, precision, compile)
     indices = list(range(rank, len(eval_set.samples), world))
@@ -457,7 +464,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="fast path arithmetic: bf16 or fp16 autocast, bf16-pure or fp16-pure (weights and "
                              "activations stored in that type), or TF32 (auto: TF32 for BiT, bf16-pure for data2vec "
-                             "1.0, bf16 otherwise); fp16 is 8x finer than bf16 but ends at 65504, and a model whose "
+                             "1.0, bf16 otherwise, fp16 for bf16 on GPUs older than Ampere); fp16 is 8x finer than bf16 but ends at 65504, and a model whose "
                              "activations overflow it stops the run with an error")
     parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")
     parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here; with "

@@ -318,6 +318,18 @@ def test_fast_precision_per_model_type():
         fast_precision("fp8", "bit")
 
 
+def test_auto_precision_avoids_emulated_bf16(monkeypatch):
+    from parity.eval_run import fast_precision
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # a V100
+    assert [fast_precision("auto", t, cuda) for t in ("bit", "data2vec-vision", "data2vec2-vision")] == ["tf32", "fp16-pure", "fp16"]
+    assert fast_precision("bf16-pure", "data2vec-vision", cuda) == "bf16-pure"  # asked for: kept
+    assert fast_precision("auto", "data2vec-vision", torch.device("cpu")) == "bf16-pure"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert fast_precision("auto", "data2vec-vision", cuda) == "bf16-pure"
+
+
 HALF_TYPES = {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp16": torch.float16, "fp16-pure": torch.float16}
 
 
