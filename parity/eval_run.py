@@ -257,12 +257,13 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     lands in decode_note) and `precision` its arithmetic
     (`fast_precision`). Failed images count as wrong
     and are listed; an image whose logits are inf or NaN (fp16 overflowing, say) stops the run
-    with an InputError naming it. Under torch.distributed each rank evaluates images i % world == rank and
-    every rank returns the full result. Result keys: top1, top5 (percent), images, correct,
-    failures, failed_images, converted, images_per_s, protocol, model, data, layout,
-    label_mapping, preprocessing (the protocol in words), device, pipeline, decode, precision, first_batch_s (this rank's seconds until its
-    first batch was scored), batch_size, world_size, predictions (top-1 output per
-    image, -1 for a failure, in the set's order).
+    with an InputError naming it. Under torch.distributed each rank evaluates images
+    i % world == rank and every rank returns the full result. Result keys: top1, top5
+    (percent), images, correct, failures, failed_images, converted, images_per_s, protocol,
+    preprocessing (the protocol in words), model, data, layout, label_mapping, device,
+    pipeline, decode, precision, first_batch_s (this rank's seconds until its first batch was
+    scored), batch_size, world_size, predictions (top-1 output per image, -1 for a failure, in
+    the set's order).
     """
     rank, world = _world()
     torch_device = torch.device(device)
@@ -464,8 +465,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="fast path arithmetic: bf16 or fp16 autocast, bf16-pure or fp16-pure (weights and "
                              "activations stored in that type), or TF32 (auto: TF32 for BiT, bf16-pure for data2vec "
-                             "1.0, bf16 otherwise, fp16 for bf16 on GPUs older than Ampere); fp16 is 8x finer than bf16 but ends at 65504, and a model whose "
-                             "activations overflow it stops the run with an error")
+                             "1.0, bf16 otherwise, and fp16 for bf16 on GPUs older than Ampere); fp16 is 8x finer "
+                             "than bf16 but ends at 65504, and a model whose activations overflow it stops the run "
+                             "with an error")
     parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")
     parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here; with "
                              "several protocols {protocols, runs: {protocol: result}, side_by_side: [...]}")
@@ -503,13 +505,14 @@ def run_eval(args: argparse.Namespace) -> int:
     if result.get("world_size", 1) > 1 and dist.get_rank() != 0:
         return _exit_code(result, args, quiet=True)
     print("\n".join(_summary(r) for r in results))
-    rows = side_by_side(results, args.expect)
+    written = result
     if len(results) > 1:
+        rows = side_by_side(results, args.expect)
         print(_side_by_side_table(rows))
+        written = {"protocols": [r["protocol"] for r in results], "runs": {r["protocol"]: r for r in results},
+                   "side_by_side": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        written = result if len(results) == 1 else {"protocols": [r["protocol"] for r in results],
-                                                    "runs": {r["protocol"]: r for r in results}, "side_by_side": rows}
         args.json.write_text(json.dumps(written, indent=1) + "\n")
     return _exit_code(result, args)
 
@@ -571,8 +574,7 @@ def _summary(result: dict[str, Any]) -> str:
     if "published" in result:
         published = result["published"]
         lines.append(f"published top-1 under this protocol on {published['dataset']}: {published['top1']:g}% "
-                     f"({published['source']}); "
-                     f"this run {published['gap']:+.3f}"
+                     f"({published['source']}); this run {published['gap']:+.3f}"
                      + ("; this folder was converted from a synthetic stand-in, not the published weights"
                         if published["synthetic_weights"] else ""))
     if "decode_note" in result:
