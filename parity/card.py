@@ -83,9 +83,31 @@ def folder_catalog_entry(folder: Path) -> tuple[Entry | None, bool]:
     return catalog_entry(meta.get("source_file"), meta.get("source_sha256")), is_synthetic(facts["parity"])
 
 
-def published_figure(entry: Entry | None, protocol: str):
-    """The catalog's first published top-1 measured with exactly this protocol, or None."""
-    return next((p for p in (entry.published if entry else ()) if p.protocol == protocol), None)
+_RESIZE_KINDS = {"shortest_edge": "shorter", "squash": "squash"}  # the catalog's names -> parity.protocols'
+
+
+def published_figure(entry: Entry | None, spec: dict[str, Any]):
+    """The catalog's first published top-1 measured with the preprocessing `spec` describes (an eval
+    result's `protocol_spec`), or None. The pipeline decides, not its name: the catalog's "hub"
+    protocol for data2vec is the hub card's squash to 224, while a converted folder's own
+    preprocessor_config.json keeps the original crop.
+    """
+    return next((p for p in (entry.published if entry else ())
+                 if p.protocol in entry.eval and same_preprocessing(p.protocol, entry.eval[p.protocol], spec)), None)
+
+
+def same_preprocessing(name: str, catalogued: Any, spec: dict[str, Any]) -> bool:
+    """Whether the catalog's protocol `name` (a checkpoints.catalog.Protocol) is the run's `spec`:
+    resize kind and side, crop, interpolation, mean and std, and the crop's offset rounding
+    (transformers, the catalog's "hub", floors it; torchvision, every other, rounds it)."""
+    crop = catalogued.crop_size if catalogued.crop_size is not None else catalogued.resize_size
+    cropped = crop != catalogued.resize_size or catalogued.resize == "shortest_edge"
+    offset = "floor" if name == "hub" else "round"
+    constants = zip((*catalogued.mean, *catalogued.std), (*spec["mean"], *spec["std"]))
+    return (_RESIZE_KINDS.get(catalogued.resize) == spec["resize"] and catalogued.resize_size == spec["resize_side"]
+            and crop == spec["image_size"] and catalogued.interpolation == spec["interpolation"]
+            and (not cropped or spec.get("crop_offset", "round") == offset)
+            and all(abs(a - b) < 1e-6 for a, b in constants))
 
 
 def _recorded_command(folder: Path) -> str | None:
@@ -127,10 +149,15 @@ def _source_link(source: str | None) -> str | None:
     return f"https://github.com/{match.group(1)}/blob/HEAD/{match.group(2)}" if match else None
 
 
-def _published_for(entry: Entry | None, protocol: str | None):
-    """The catalog's published ImageNet-1k top-1 for this protocol (else the first ImageNet-1k one)."""
-    figures = [p for p in (entry.published if entry else ()) if p.dataset.startswith("imagenet-1k")]
-    return next((p for p in figures if p.protocol == protocol), figures[0] if figures else None)
+def _published_for(entry: Entry | None, result: dict[str, Any]):
+    """The catalog's published ImageNet-1k top-1 for an eval result: for its preprocessing
+    (`published_figure`), or, for a result that does not record it (`protocol_spec`), for its
+    protocol's name; else None."""
+    if "protocol_spec" in result:
+        figure = published_figure(entry, result["protocol_spec"])
+    else:
+        figure = next((p for p in (entry.published if entry else ()) if p.protocol == result.get("protocol")), None)
+    return figure if figure is not None and figure.dataset.startswith("imagenet-1k") else None
 
 
 def _images_note(result: dict[str, Any]) -> str:
@@ -155,7 +182,7 @@ def eval_results(evals: Sequence[dict[str, Any]], entry: Entry | None) -> list:
             results.append(EvalResult(**common, metric_type="accuracy", metric_config="top-5",
                                       metric_value=round(float(result["top5"]), 3),
                                       metric_name=f"top-5 accuracy (measured, {where})"))
-        published = _published_for(entry, protocol)
+        published = _published_for(entry, result)
         if published is not None:
             results.append(EvalResult(**common, metric_type="accuracy", metric_config="top-1",
                                       metric_value=published.top1,
@@ -236,7 +263,7 @@ def _accuracy(evals: Sequence[dict[str, Any]], entry) -> list[str]:
         return []
     rows = []
     for result in evals:
-        published = _published_for(entry, result.get("protocol"))
+        published = _published_for(entry, result)
         rows.append((result.get("protocol"), result.get("images"), f"{float(result['top1']):.3f}",
                      f"{float(result['top5']):.3f}" if result.get("top5") is not None else "n/a",
                      f"{published.top1:g} ({published.source})" if published else "none catalogued",

@@ -518,15 +518,16 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_published(results: list[dict[str, Any]], model_dir: Path) -> None:
-    """Give each result the catalog's published top-1 for its protocol, where the folder was converted
-    from a catalogued checkpoint and the catalog has a figure measured with that protocol."""
+    """Give each result the catalog's published top-1 for its preprocessing, where the folder was
+    converted from a catalogued checkpoint and the catalog has a figure measured that way
+    (`card.published_figure`)."""
     from parity.card import folder_catalog_entry, published_figure
 
     entry, synthetic = folder_catalog_entry(model_dir)
     for result in results:
-        if (figure := published_figure(entry, result["protocol"])) is not None:
-            result["published"] = {"top1": figure.top1, "dataset": figure.dataset, "source": figure.source,
-                                   "catalog_entry": entry.name,
+        if (figure := published_figure(entry, result["protocol_spec"])) is not None:
+            result["published"] = {"top1": figure.top1, "protocol": figure.protocol, "dataset": figure.dataset,
+                                   "source": figure.source, "catalog_entry": entry.name,
                                    "gap": result["top1"] - figure.top1, "synthetic_weights": synthetic}
 
 
@@ -573,8 +574,9 @@ def _summary(result: dict[str, Any]) -> str:
         lines.append("decoded after conversion to RGB: " + ", ".join(f"{k} x{v}" for k, v in result["converted"].items()))
     if "published" in result:
         published = result["published"]
-        lines.append(f"published top-1 under this protocol on {published['dataset']}: {published['top1']:g}% "
-                     f"({published['source']}); this run {published['gap']:+.3f}"
+        lines.append(f"published top-1 with this preprocessing (the catalog's {published['protocol']} protocol) on "
+                     f"{published['dataset']}: {published['top1']:g}% ({published['source']}); this run "
+                     f"{published['gap']:+.3f}"
                      + ("; this folder was converted from a synthetic stand-in, not the published weights"
                         if published["synthetic_weights"] else ""))
     if "decode_note" in result:

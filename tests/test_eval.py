@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -232,8 +233,6 @@ def test_tensor_path_matches_faithful(family):
 
 
 def test_tensor_path_crops_where_the_hub_processor_does(tmp_path):
-    import dataclasses
-
     spec, hub = protocols.resolve_protocol(make_bit(tmp_path / "m"), "hub")  # shorter side 36, crop 32
     image = _image(7, (69, 45))  # resized to 55 x 36: a margin of 23 columns
     assert spec.crop_offset == "floor" and [protocols.center_crop_box(36, 55, 32, o)[1] for o in ("floor", "round")] == [11, 12]
@@ -490,12 +489,17 @@ def test_protocols_side_by_side_end_to_end(tmp_path, bit_class1, folders, capsys
         "| 100.00% |"]
 
 
-def _canned_evaluate(monkeypatch, top1: dict[str, float], predictions: dict[str, list[int]]) -> None:
+def _canned_evaluate(monkeypatch, top1: dict[str, float], predictions: dict[str, list[int]],
+                     specs: dict[str, protocols.Protocol] | None = None) -> None:
     """`evaluate` answering each protocol with the given top-1 and predictions (4 images)."""
     import parity.eval_run as eval_run
 
+    specs = specs or {}
     monkeypatch.setattr(eval_run, "evaluate", lambda model, data, protocol, **kw: {
         "protocol": protocol, "preprocessing": f"{protocol} steps", "top1": top1[protocol], "top5": 99.0,
+        "protocol_spec": (specs[protocol].__dict__ | {"resize_side": specs[protocol].resize_side}
+                          if protocol in specs else {"resize": "squash", "resize_side": 8, "image_size": 8,
+                                                     "interpolation": "nearest", "mean": (0,) * 3, "std": (1,) * 3}),
         "predictions": predictions[protocol], "model": model, "data": data, "layout": "class-folders",
         "label_mapping": "imagenet-1k", "pipeline": "faithful", "device": "cpu", "images": 4, "images_per_s": 1.0,
         "failures": 0, "converted": {}})
@@ -517,16 +521,20 @@ def test_published_figures_stand_beside_their_protocols(monkeypatch, tmp_path, c
     import parity.card as card
     from checkpoints.catalog import lookup
 
-    entry = lookup("data2vec-vision-base-ft1k")  # published: 84.2 with the original protocol, 83.97 with the hub's
+    entry = lookup("data2vec-vision-base-ft1k")  # published: 84.2 with the original crop, 83.97 with the hub's squash
     monkeypatch.setattr(card, "folder_catalog_entry", lambda folder: (entry, False))
+    crop = protocols.ORIGINAL["data2vec-vision"]  # shorter side 256 bicubic, centre crop 224
+    squash = protocols.Protocol("hub", "squash", 224, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3, 224, "floor")
     _canned_evaluate(monkeypatch, {"original": 84.21, "hub": 83.97, "timm": 84.1},
-                     {"original": [1, 2, 3, 4], "hub": [1, 2, 0, 4], "timm": [1, 2, 3, 0]})
+                     {"original": [1, 2, 3, 4], "hub": [1, 2, 0, 4], "timm": [1, 2, 3, 0]},
+                     {"original": crop, "hub": squash, "timm": dataclasses.replace(crop, crop_pct=0.9)})
     out = tmp_path / "r.json"
     assert main(["--model", "m", "--data", "d", "--device", "cpu", "--protocol", "original", "hub", "timm",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[2] == ("published top-1 under this protocol on imagenet-1k-val: 84.2% (data2vec paper (arXiv "
-                          "2202.03555), ViT-B, as quoted on the hub model card); this run +0.010")
+    assert printed[2] == ("published top-1 with this preprocessing (the catalog's original protocol) on imagenet-1k-val: "
+                          "84.2% (data2vec paper (arXiv 2202.03555), ViT-B, as quoted on the hub model card); this run "
+                          "+0.010")
     assert printed[-5:-3] == ["| protocol | preprocessing | top-1 | top-5 | published (gap) | agreement |",
                               "|---|---|---|---|---|---|"]
     assert printed[-3:] == ["| original | original steps | 84.210% | 99.000% | 84.2% (+0.010) | 100.00% |",
@@ -534,6 +542,13 @@ def test_published_figures_stand_beside_their_protocols(monkeypatch, tmp_path, c
                             "| timm | timm steps | 84.100% | 99.000% | none catalogued | 75.00% |"]
     runs = json.loads(out.read_text())["runs"]
     assert runs["hub"]["published"]["catalog_entry"] == "data2vec-vision-base-ft1k" and "published" not in runs["timm"]
+    # what decides is the pipeline: a converted folder's own preprocessor keeps the original crop
+    # (with transformers' offset), so its "hub" run is neither the hub card's squash nor the paper's crop
+    _canned_evaluate(monkeypatch, {"original": 84.21, "hub": 84.18}, {"original": [1, 2, 3, 4], "hub": [1, 2, 3, 4]},
+                     {"original": crop, "hub": dataclasses.replace(crop, name="hub", crop_offset="floor")})
+    assert main(["--model", "m", "--data", "d", "--device", "cpu", "--protocol", "original", "hub"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "| hub | hub steps | 84.180% | 99.000% | none catalogued | 100.00% |"
+    _canned_evaluate(monkeypatch, {"original": 84.21}, {"original": [1, 2, 3, 4]}, {"original": crop})
     monkeypatch.setattr(card, "folder_catalog_entry", lambda folder: (entry, True))
     assert main(["--model", "m", "--data", "d", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.splitlines()[2].endswith(
