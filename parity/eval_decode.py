@@ -11,8 +11,9 @@ Where JPEGs are decoded is `parityport eval --decode` (`DECODERS`, or "auto", th
 - ``nvimgcodec``: NVIDIA nvImageCodec (``pip install "nvidia-nvimgcodec-cu13[nvjpeg]"``;
   ``-cu12`` for CUDA 12 builds of torch), the decoder DALI is built on, with its
   ``fancy_upsampling`` option on: nvJPEG's interpolated chroma upsampling, libjpeg's
-  method. It uses the GPU's hardware JPEG engines where there are some (A100, H100, H200)
-  and decodes Huffman data on its own CPU threads. "auto" picks it on CUDA when it is
+  method. It chooses among its backends (the GPU's hardware JPEG engines where there are
+  some, CUDA kernels, Huffman decoding on its own CPU threads); which of them honour
+  ``fancy_upsampling`` and so serve these images is not measured yet. "auto" picks it on CUDA when it is
   installed and can start: on an H200 it brought the trained BiT fixture's agreement with
   the faithful path from 97.2% (``gpu``) to 99.6-99.8%, and data2vec's from 99.6% to 100%.
 - ``cpu``: libjpeg-turbo in the DataLoader workers (`eval_data.BytesDataset`); PIL's pixels, bit for bit.

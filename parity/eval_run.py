@@ -458,7 +458,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "on long runs")
     parser.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
                         help="fast path: decode JPEGs on the GPU with NVIDIA nvImageCodec (nvimgcodec: libjpeg's "
-                             "chroma upsampling, the GPU's hardware JPEG engines; a separate install) or with "
+                             "chroma upsampling; a separate install) or with "
                              "torchvision's nvJPEG (gpu: repeats chroma samples, so its pixels are not PIL's), or in "
                              "the workers (cpu: libjpeg-turbo, PIL's exact pixels, for predictions identical to the "
                              "faithful path's); auto (default): nvimgcodec when installed, else gpu, with a note")
