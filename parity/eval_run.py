@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -184,8 +184,8 @@ def _settings(fast: bool, device: torch.device) -> None:
 # top-2 margin under 0.08. fp16 keeps 3 more mantissa bits: on CPU fp16-pure moves the same logits by
 # 0.004 (at most 0.027) and keeps 100% of the fixture's predictions, data2vec's by 0.0016; Hopper runs
 # fp16 and bf16 at the same tensor-core rate, but fp16-pure is not yet measured on a GPU, and fp16's
-# range ends at 65504 (an overflow stops the run: `_check_finite`). So BiT stays TF32 for now; other
-# model types take bf16 autocast.
+# range ends at 65504 (`Scorer` scores a batch that overflows again in TF32). So BiT stays TF32 for
+# now; other model types take bf16 autocast.
 FAST_PRECISION = {"bit": "tf32", "data2vec-vision": "bf16-pure"}
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the half types and their names in PRECISIONS
 PRECISIONS = ("auto", *HALF, *(f"{name}-pure" for name in HALF), "tf32")
@@ -256,14 +256,15 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     in the workers, PIL's exact pixels; "auto", `eval_decode.resolve_decoder`, whose note
     lands in decode_note) and `precision` its arithmetic
     (`fast_precision`). Failed images count as wrong
-    and are listed; an image whose logits are inf or NaN (fp16 overflowing, say) stops the run
-    with an InputError naming it. Under torch.distributed each rank evaluates images
+    and are listed. A half-precision batch whose logits overflow is scored again in TF32
+    (`Scorer`; rescored_batches counts them); logits inf or NaN even so stop the run with an
+    InputError naming the image. Under torch.distributed each rank evaluates images
     i % world == rank and every rank returns the full result. Result keys: top1, top5
     (percent), images, correct, failures, failed_images, converted, images_per_s, protocol,
     preprocessing (the protocol in words), model, data, layout, label_mapping, device,
     pipeline, decode, precision, first_batch_s (this rank's seconds until its first batch was
-    scored), batch_size, world_size, predictions (top-1 output per image, -1 for a failure, in
-    the set's order).
+    scored), batches and rescored_batches (over all ranks), batch_size, world_size, predictions
+    (top-1 output per image, -1 for a failure, in the set's order).
     """
     rank, world = _world()
     torch_device = torch.device(device)
@@ -285,12 +286,13 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     indices = list(range(rank, len(eval_set.samples), world))
     batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers, decode) if fast
                else _faithful_batches(eval_set, indices, transform, spec, torch_device, batch_size, workers))
+    reload = None if _half(precision)[0] is None else lambda: fast_model(load_model(model_dir, torch_device), "tf32")
+    scorer = Scorer(model, labels, precision, reload, batch_size if compile else None)
     try:
-        rows, notes, elapsed, first = _run(model, batches, labels, precision, len(indices), rank,
-                                           batch_size if compile else None)
+        rows, notes, elapsed, first = _run(scorer, batches, len(indices), rank)
     except NonFiniteLogits as error:
-        raise InputError(eval_set.samples[error.indices[0]].path, _non_finite_problem(error, precision)) from None
-    return _result(eval_set, labels, rows, notes, elapsed, world, torch_device,
+        raise InputError(eval_set.samples[error.indices[0]].path, _non_finite_problem(error)) from None
+    return _result(eval_set, labels, rows, notes, elapsed, world, torch_device, (scorer.batches, scorer.rescored),
                    {"protocol": protocol, "protocol_spec": spec.__dict__ | {"resize_side": spec.resize_side},
                     "preprocessing": spec.describe(),
                     "model": str(model_dir), "data": str(data_dir), "batch_size": batch_size,
@@ -300,60 +302,80 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
                     "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"})
 
 
+class Scorer:
+    """A batch's class scores from the eval's model in its precision.
+
+    A half-precision batch whose logits are inf or NaN for a decoded image (fp16 ends at 65504)
+    is scored again in TF32 by a float copy of the model, loaded by `reload` at the first such
+    batch; `rescored` counts those batches, `batches` all of them. Logits still not finite
+    raise NonFiniteLogits: their top-k would mean nothing. With `pad_to`, a shorter (last) batch
+    is padded with zero images up to that size and their scores dropped, so a compiled model
+    sees one shape and does not compile again.
+    """
+
+    def __init__(self, model: torch.nn.Module, labels: LabelMap, precision: str,
+                 reload: Callable[[], torch.nn.Module] | None = None, pad_to: int | None = None) -> None:
+        self.model, self.labels, self.precision, self.reload, self.pad_to = model, labels, precision, reload, pad_to
+        self.rescored = self.batches = 0
+        self._float: torch.nn.Module | None = None
+
+    def __call__(self, pixels: torch.Tensor, index: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        scores, precision = _scores(self.model, padded(pixels, self.pad_to), self.labels, self.precision), self.precision
+        scores = scores[: len(pixels)]
+        bad = ~scores.isfinite().all(1).cpu() & ok
+        if bool(bad.any()) and self.reload is not None:
+            if self._float is None:
+                self._float = self.reload()
+            scores, precision = _scores(self._float, pixels, self.labels, "tf32"), "tf32"
+            self.rescored += 1
+            bad = ~scores.isfinite().all(1).cpu() & ok
+        if bool(bad.any()):
+            raise NonFiniteLogits([int(i) for i in index[bad]], len(index), precision)
+        return scores
+
+
 @torch.inference_mode()
-def _run(model: torch.nn.Module, batches: Iterator[Batch], labels: LabelMap, precision: str, total: int,
-         rank: int, pad_to: int | None = None) -> tuple[torch.Tensor, dict[int, str], float, float | None]:
+def _run(scorer: Scorer, batches: Iterator[Batch], total: int,
+         rank: int) -> tuple[torch.Tensor, dict[int, str], float, float | None]:
     """Score every batch; rows are [index, ok, top-5 outputs...] per image (top-k padded with -1).
     Also returned: the seconds taken in all and until the first batch was scored (compiling and
     cuDNN's autotuning happen there; None when there was no batch).
-
-    With `pad_to`, a shorter (last) batch is padded with zero images up to that size and
-    their scores dropped, so a compiled model sees one shape and does not compile again.
     """
     rows, notes, first = [], {}, None
     start = time.perf_counter()
     with _progress(total, rank) as bar:
         for pixels, index, ok, batch_notes in batches:
-            scores = _scores(model, padded(pixels, pad_to), labels, precision)[: len(pixels)]
+            scores = scorer(pixels, index, ok)
             k = min(5, scores.shape[1])
             top = torch.full((len(index), 5), -1, dtype=torch.long)
-            finite = scores.isfinite().all(1)
             top[:, :k] = scores.topk(k, dim=1).indices.cpu()
-            _check_finite(finite.cpu(), index, ok)
             top[~ok] = -1  # a failed image predicts nothing and counts as wrong
             rows.append(torch.cat([index.view(-1, 1), ok.long().view(-1, 1), top], dim=1))
             notes.update({int(i): n for i, n in zip(index, batch_notes) if n})
             first = time.perf_counter() - start if first is None else first  # the .cpu() above waited for the scores
             bar.update(len(index))
             bar.set_postfix(img_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.0f}")
-    if any(p.is_cuda for p in model.parameters()):
+    if any(p.is_cuda for p in scorer.model.parameters()):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return (torch.cat(rows) if rows else torch.empty(0, 7, dtype=torch.long)), notes, elapsed, first
 
 
 class NonFiniteLogits(Exception):
-    """The model's logits were inf or NaN for `indices` (positions in the eval set), `of` images in their batch."""
+    """The model's logits were inf or NaN in `precision` for `indices` (positions in the eval set),
+    `of` images in their batch."""
 
-    def __init__(self, indices: list[int], of: int) -> None:
-        super().__init__(f"non-finite logits for images {indices}")
-        self.indices, self.of = indices, of
-
-
-def _check_finite(finite: torch.Tensor, index: torch.Tensor, ok: torch.Tensor) -> None:
-    """Stop at the first batch where a decoded image's logits are not all finite: its top-k would mean nothing."""
-    if bool((finite | ~ok).all()):
-        return
-    raise NonFiniteLogits([int(i) for i in index[~finite & ok]], len(index))
+    def __init__(self, indices: list[int], of: int, precision: str) -> None:
+        super().__init__(f"non-finite logits in {precision} for images {indices}")
+        self.indices, self.of, self.precision = indices, of, precision
 
 
-def _non_finite_problem(error: NonFiniteLogits, precision: str) -> str:
-    """The one-line problem for `NonFiniteLogits`: an fp16 overflow, or a model that gives inf or NaN itself."""
-    where = f"the model's logits are inf or NaN in {precision} for this image"
+def _non_finite_problem(error: NonFiniteLogits) -> str:
+    """The one-line problem for `NonFiniteLogits`: the weights give inf or NaN in float arithmetic."""
+    where = f"the model's logits are inf or NaN in {error.precision} for this image"
     if len(error.indices) > 1:
         where += f" and {len(error.indices) - 1} more of its batch of {error.of}"
-    if _half(precision)[0] == torch.float16:
-        return f"{where}: fp16 ends at 65504 and this model's activations overflow it; use --precision bf16-pure or tf32"
     return f"{where}: its weights give non-finite outputs (check the folder with `parityport parity`)"
 
 
@@ -365,13 +387,16 @@ def padded(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 def _result(eval_set: EvalSet, labels: LabelMap, rows: torch.Tensor, notes: dict[int, str], elapsed: float,
-            world: int, device: torch.device, meta: dict[str, Any]) -> dict[str, Any]:
+            world: int, device: torch.device, batches: tuple[int, int], meta: dict[str, Any]) -> dict[str, Any]:
+    """The eval's result dict from this rank's rows, notes and (batches, rescored batches), summed
+    over the ranks."""
     total = len(eval_set.samples)
     targets = labels.targets(eval_set.samples)
     local = torch.tensor([
         int((rows[:, 2] == targets[rows[:, 0]]).sum()) if len(rows) else 0,
         int((rows[:, 2:] == targets[rows[:, 0]].view(-1, 1)).any(1).sum()) if len(rows) else 0,
         int((rows[:, 1] == 0).sum()),
+        *batches,
     ], dtype=torch.float64)
     timing = torch.tensor([elapsed], dtype=torch.float64)
     if world > 1:
@@ -386,7 +411,7 @@ def _result(eval_set: EvalSet, labels: LabelMap, rows: torch.Tensor, notes: dict
     predictions = torch.full((total,), -1, dtype=torch.long)
     predictions[rows[:, 0]] = rows[:, 2]
     failed = sorted(int(i) for i in rows[rows[:, 1] == 0, 0])
-    correct1, correct5, failures = (int(v) for v in local.cpu())
+    correct1, correct5, failures, batch_count, rescored = (int(v) for v in local.cpu())
     elapsed = float(timing.cpu()[0])
     return {
         **meta,
@@ -403,6 +428,8 @@ def _result(eval_set: EvalSet, labels: LabelMap, rows: torch.Tensor, notes: dict
         "layout_notes": eval_set.notes,
         "label_mapping": labels.kind,
         "world_size": world,
+        "batches": batch_count,
+        "rescored_batches": rescored,
         "predictions": predictions.tolist(),
     }
 
@@ -466,8 +493,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fast path arithmetic: bf16 or fp16 autocast, bf16-pure or fp16-pure (weights and "
                              "activations stored in that type), or TF32 (auto: TF32 for BiT, bf16-pure for data2vec "
                              "1.0, bf16 otherwise, and fp16 for bf16 on GPUs older than Ampere); fp16 is 8x finer "
-                             "than bf16 but ends at 65504, and a model whose activations overflow it stops the run "
-                             "with an error")
+                             "than bf16 but ends at 65504: a batch whose activations overflow it is scored again in "
+                             "TF32, and the summary says how many were")
     parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")
     parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here; with "
                              "several protocols {protocols, runs: {protocol: result}, side_by_side: [...]}")
@@ -579,6 +606,9 @@ def _summary(result: dict[str, Any]) -> str:
                      f"{published['gap']:+.3f}"
                      + ("; this folder was converted from a synthetic stand-in, not the published weights"
                         if published["synthetic_weights"] else ""))
+    if result.get("rescored_batches"):
+        lines.append(f"note: {result['rescored_batches']} of {result['batches']} batches gave inf or NaN logits in "
+                     f"{result['precision']} (beyond its range) and were scored again in TF32")
     if "decode_note" in result:
         lines.append(f"note: {result['decode_note']}")
     if "agreement" in result:

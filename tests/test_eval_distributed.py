@@ -44,6 +44,7 @@ def test_two_ranks_equal_one(tmp_path):
         multi = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert multi["world_size"] == 2 and multi["images"] == 11
         assert multi["predictions"] == single["predictions"]
-        for key in ("top1", "top5", "correct", "failures"):
+        for key in ("top1", "top5", "correct", "failures", "rescored_batches"):
             assert multi[key] == single[key], key
+        assert (single["batches"], multi["batches"]) == (3, 4)  # 11 images in 4s; 6 + 5 in 3s, summed over the ranks
 
