@@ -48,18 +48,22 @@ def check_publishable(folder: Path) -> None:
                           + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
-def read_eval(path: Path, folder: Path) -> dict[str, Any]:
-    """One `parityport eval --json` result, checked to be a measurement of this folder's weights."""
+def read_evals(path: Path, folder: Path) -> list[dict[str, Any]]:
+    """The results in one `parityport eval --json` file (one, or one per protocol when several were
+    evaluated side by side), each checked to be a measurement of this folder's weights."""
     try:
-        result = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise InputError(path, f"cannot read the eval result: {error}") from None
-    if not isinstance(result, dict) or not isinstance(result.get("top1"), (int, float)):
-        raise InputError(path, "not a `parityport eval --json` result (no numeric top1)")
-    measured = Path(str(result.get("model", "")))
-    if result.get("model") and measured.is_dir() and not _same_weights(folder, measured):
-        raise InputError(path, f"measures {measured}, whose weights differ from {folder}")
-    return result
+    runs = data.get("runs") if isinstance(data, dict) else None
+    results = list(runs.values()) if isinstance(runs, dict) else [data]
+    for result in results:
+        if not isinstance(result, dict) or not isinstance(result.get("top1"), (int, float)):
+            raise InputError(path, "not a `parityport eval --json` result (no numeric top1)")
+        measured = Path(str(result.get("model", "")))
+        if result.get("model") and measured.is_dir() and not _same_weights(folder, measured):
+            raise InputError(path, f"measures {measured}, whose weights differ from {folder}")
+    return results
 
 
 def _same_weights(folder: Path, other: Path) -> bool:
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if not _REPO_ID.fullmatch(args.repo_id):
         raise InputError(None, f"--repo-id {args.repo_id!r} is not ORG/NAME")
     check_publishable(folder)
-    evals = [read_eval(path, folder) for path in args.evals]
+    evals = [result for path in args.evals for result in read_evals(path, folder)]
     files = staged_files(folder, evals, args.repo_id)
     operations = commit_operations(files)
     print(f"{'dry run: ' if args.dry_run else ''}{folder} -> {args.repo_id}")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from checkpoints.synthetic import bit_arrays, write_bit_npz
+from converters.errors import InputError
 from converters.writer import check_sha256sums, write_sha256sums
 from parity.card import model_card, write_card
 from parity.inputs import photo_path
@@ -273,6 +274,22 @@ def test_dry_run_lists_the_commit_operations_and_changes_nothing(folder, tmp_pat
     assert b'model_id = "me/tiny"' in card and b"79.500" in card
     sums = next(op for op in operations if op.path_in_repo == "SHA256SUMS").path_or_fileobj.decode()
     assert f"{hashlib.sha256(card).hexdigest()}  README.md" in sums
+
+
+def test_a_side_by_side_eval_puts_every_protocol_on_the_card(folder, tmp_path):
+    from parityport.publish import read_evals, staged_files
+
+    hub = dict(EVAL, protocol="hub", top1=79.1, top5=94.0, model=str(folder))
+    side_by_side = tmp_path / "eval.json"
+    side_by_side.write_text(json.dumps({"protocols": ["timm", "hub"], "runs": {"timm": dict(EVAL, model=str(folder)),
+                                                                              "hub": hub}, "side_by_side": []}))
+    evals = read_evals(side_by_side, folder)
+    assert [e["protocol"] for e in evals] == ["timm", "hub"]
+    card = staged_files(folder, evals, "me/tiny")["README.md"].decode()
+    assert "| timm | 50000 | 79.500 | 94.250 | 80.386 (" in card and "| hub | 50000 | 79.100 | 94.000 | none catalogued |" in card
+    side_by_side.write_text(json.dumps({"runs": {"timm": {"top5": 94.0}}}))
+    with pytest.raises(InputError, match="not a `parityport eval --json` result"):
+        read_evals(side_by_side, folder)
 
 
 def _no_token(monkeypatch, tmp_path):
