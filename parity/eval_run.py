@@ -512,16 +512,20 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run `parityport eval` from parsed arguments; return the exit code (0 ok, 1 --expect missed, 2 bad input)."""
     try:
         _check_device(args)
-        results = [evaluate(args.model, args.data, protocol=protocol, device=args.device, batch_size=args.batch_size,
-                            workers=args.workers, fast=args.fast, limit=args.limit, compile=args.compile,
-                            decode=args.decode, precision=args.precision)
-                   for protocol in dict.fromkeys(args.protocol)]
-        if args.agree_with:
+        protocols = list(dict.fromkeys(args.protocol))
+        others = {}
+        if args.agree_with:  # checked before any evaluation
             from parity.protocols import read_json
 
             other = read_json(args.agree_with)
-            for result in results:
-                result["agreement"] = prediction_agreement(result, other)
+            others = {protocol: _run_to_agree_with(other, protocol, args.agree_with) for protocol in protocols}
+        results = [evaluate(args.model, args.data, protocol=protocol, device=args.device, batch_size=args.batch_size,
+                            workers=args.workers, fast=args.fast, limit=args.limit, compile=args.compile,
+                            decode=args.decode, precision=args.precision)
+                   for protocol in protocols]
+        for result in results:
+            if result["protocol"] in others:
+                result["agreement"] = prediction_agreement(result, others[result["protocol"]])
         _add_published(results, Path(args.model))
     except InputError as error:
         if getattr(args, "debug", False):
@@ -542,6 +546,19 @@ def run_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(written, indent=1) + "\n")
     return _exit_code(result, args)
+
+
+def _run_to_agree_with(other: Any, protocol: str, path: Path) -> dict[str, Any]:
+    """The result in an `--agree-with` file to compare a `protocol` run with: the file's result, or
+    from a side-by-side file its run of the same protocol."""
+    runs = other.get("runs") if isinstance(other, dict) else None
+    if isinstance(runs, dict):
+        if protocol not in runs:
+            raise InputError(path, f"has no {protocol} run to agree with (it has {', '.join(runs)})")
+        other = runs[protocol]
+    if not isinstance(other, dict) or not isinstance(other.get("predictions"), list) or "top1" not in other:
+        raise InputError(path, "not a `parityport eval --json` result (no predictions to agree with)")
+    return other
 
 
 def _add_published(results: list[dict[str, Any]], model_dir: Path) -> None:

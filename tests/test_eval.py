@@ -508,6 +508,25 @@ def _canned_evaluate(monkeypatch, top1: dict[str, float], predictions: dict[str,
         "failures": 0, "converted": {}})
 
 
+def test_agree_with_a_side_by_side_file_pairs_the_protocols(tmp_path, bit_class1, folders, capsys, monkeypatch):
+    import parity.eval_run as eval_run
+
+    both, hub = tmp_path / "both.json", tmp_path / "hub.json"
+    args = ["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--workers", "0"]
+    assert main(args + ["--protocol", "original", "hub", "--json", str(both)]) == 0
+    assert main(args + ["--protocol", "hub", "--agree-with", str(both), "--json", str(hub)]) == 0
+    agreement = json.loads(hub.read_text())["agreement"]
+    assert (agreement["agreement"], agreement["images"]) == (100.0, 10)
+    capsys.readouterr()
+    monkeypatch.setattr(eval_run, "evaluate", lambda *a, **kw: pytest.fail("evaluated before checking --agree-with"))
+    assert main(args + ["--protocol", "timm", "--agree-with", str(both)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"parityport eval: error: {both}: has no timm run to agree "
+                                                        "with (it has original, hub)")
+    (tmp_path / "other.json").write_text(json.dumps({"top1": 3.0}))
+    assert main(args + ["--agree-with", str(tmp_path / "other.json")]) == 2
+    assert "not a `parityport eval --json` result (no predictions to agree with)" in capsys.readouterr().err
+
+
 def test_expect_is_about_the_first_protocol(monkeypatch, capsys):
     _canned_evaluate(monkeypatch, {"original": 84.2, "hub": 83.97}, {"original": [1, 2, 3, 4], "hub": [1, 2, 0, 4]})
     args = ["--model", "m", "--data", "d", "--device", "cpu", "--expect", "84.2"]
