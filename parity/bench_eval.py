@@ -45,7 +45,7 @@ from parity.eval_data import (DECODERS, BytesDataset, EvalSet, PILDataset, colla
                                resolve_labels)
 from parity.eval_decode import JPEG_DECODERS, check_decoder, decode_batch
 from parity.eval_run import PRECISIONS as FAST_PRECISIONS
-from parity.eval_run import (_fast_batches, _progress, _settings, evaluate, fast_model, load_model, logits,
+from parity.eval_run import (_fast_batches, _progress, _settings, at_least, evaluate, fast_model, load_model, logits,
                              prediction_agreement, worker_context)
 from parity.protocols import Protocol, resolve_protocol
 
@@ -418,10 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit 2 with a clear message when CUDA is needed but absent."""
     parser = argparse.ArgumentParser(prog="python -m parity.bench_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, action="append", help="model folder(s); default: random data2vec-B@224 and BiT-R50x1@448")
-    parser.add_argument("--images", type=int, default=50_000)
+    parser.add_argument("--images", type=at_least(1), default=50_000)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=at_least(1), default=256)
+    parser.add_argument("--workers", type=at_least(0), default=min(16, os.cpu_count() or 1))
     parser.add_argument("--compile", action="store_true",
                         help="also measure the fast path and the model alone with the model compiled (torch.compile)")
     parser.add_argument("--only", nargs="+", choices=PIPELINES, metavar="PIPELINE",

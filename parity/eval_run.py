@@ -464,6 +464,20 @@ def prediction_agreement(run_a: dict[str, Any], run_b: dict[str, Any]) -> dict[s
 # ---- command line ------------------------------------------------------------------------------
 
 
+def at_least(minimum: int | float, kind: Callable[[str], Any] = int) -> Callable[[str], Any]:
+    """An argparse type: a `kind` number not below `minimum`; argparse exits 2 naming the option otherwise."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text}")
+        return value
+
+    return parse
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `parityport eval`'s options to a (sub)parser."""
     parser.add_argument("--model", required=True, help="converted model folder (config.json + weights)")
@@ -472,10 +486,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"preprocessing, of {', '.join(PROTOCOL_NAMES)} (default: original); several are "
                              "evaluated in turn and shown side by side, and --expect is about the first")
     parser.add_argument("--expect", type=float, help="expected top-1 (percent); exit 1 when off by more than --tolerance")
-    parser.add_argument("--tolerance", type=float, default=0.1, help="allowed |top1 - expect| in points (default 0.1)")
+    parser.add_argument("--tolerance", type=at_least(0.0, float), default=0.1, help="allowed |top1 - expect| in points (default 0.1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--batch-size", type=at_least(1), default=128)
+    parser.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1), help="DataLoader workers")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--fast", dest="fast", action="store_true", default=None, help="GPU decode, bf16 or TF32 (default on CUDA)")
     group.add_argument("--faithful", dest="fast", action="store_false", help="exact protocol transforms, fp32")
@@ -495,7 +509,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "1.0, bf16 otherwise, and fp16 for bf16 on GPUs older than Ampere); fp16 is 8x finer "
                              "than bf16 but ends at 65504: a batch whose activations overflow it is scored again in "
                              "TF32, and the summary says how many were")
-    parser.add_argument("--limit", type=int, help="evaluate an evenly strided subset of this many images")
+    parser.add_argument("--limit", type=at_least(1), help="evaluate an evenly strided subset of this many images")
     parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here; with "
                              "several protocols {protocols, runs: {protocol: result}, side_by_side: [...]}")
     parser.add_argument("--agree-with", type=Path, help="a previous --json result to compare predictions with")

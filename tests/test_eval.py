@@ -458,6 +458,18 @@ def test_bad_layout_exits_2(tmp_path, bit_class1, capsys):
     assert main(["--model", str(tmp_path), "--data", str(flat), "--device", "cpu"]) == 2
 
 
+@pytest.mark.parametrize("option, value, problem", [("--batch-size", "0", "must be at least 1, not 0"),
+                                                     ("--workers", "-1", "must be at least 0, not -1"),
+                                                     ("--limit", "0", "must be at least 1, not 0"),
+                                                     ("--tolerance", "-0.5", "must be at least 0.0, not -0.5"),
+                                                     ("--batch-size", "many", "not a number: 'many'")])
+def test_bad_numbers_exit_2_naming_the_option(bit_class1, folders, capsys, option, value, problem):
+    with pytest.raises(SystemExit) as caught:
+        main(["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", option, value])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"parityport eval: error: argument {option}: {problem}"
+
+
 def test_expect_and_json(tmp_path, bit_class1, folders, capsys):
     out = tmp_path / "r.json"
     args = ["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--workers", "0", "--json", str(out)]
