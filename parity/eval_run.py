@@ -321,8 +321,8 @@ class Scorer:
 
     def __call__(self, pixels: torch.Tensor, index: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         self.batches += 1
-        scores, precision = _scores(self.model, padded(pixels, self.pad_to), self.labels, self.precision), self.precision
-        scores = scores[: len(pixels)]
+        precision = self.precision
+        scores = _scores(self.model, padded(pixels, self.pad_to), self.labels, precision)[: len(pixels)]
         bad = ~scores.isfinite().all(1).cpu() & ok
         if bool(bad.any()) and self.reload is not None:
             if self._float is None:
