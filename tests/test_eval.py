@@ -364,17 +364,21 @@ def _overflowing_fp16(path: Path) -> Path:
     return path
 
 
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 @pytest.mark.parametrize("precision", ["fp16", "fp16-pure"])
-def test_fp16_overflow_is_scored_again_in_tf32(tmp_path, folders, precision, capsys):
+def test_fp16_overflow_is_scored_again_in_tf32(tmp_path, folders, precision, device):
     model = _overflowing_fp16(tmp_path / "model")
-    result = _eval(model, folders, fast=True, precision=precision)  # 10 images in batches of 4
+    result = _eval(model, folders, fast=True, precision=precision, device=device)  # 10 images in batches of 4
     assert result["predictions"] == [1] * 10 and result["top1"] == 30.0
     assert (result["batches"], result["rescored_batches"], result["precision"]) == (3, 3, precision)
     from parity.eval_run import _summary
 
     assert f"note: 3 of 3 batches gave inf or NaN logits in {precision} (beyond its range) and were scored again in TF32" \
         in _summary(result).splitlines()
-    bf16 = _eval(model, folders, fast=True, precision="bf16-pure")  # bf16 has fp32's range
+    bf16 = _eval(model, folders, fast=True, precision="bf16-pure", device=device)  # bf16 has fp32's range
     assert bf16["predictions"] == [1] * 10 and bf16["rescored_batches"] == 0
     assert "scored again" not in _summary(bf16)
 
