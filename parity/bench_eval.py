@@ -8,8 +8,9 @@ then measures images/s of three pipelines in the same run on each model:
 - faithful: `evaluate(fast=False)` — PIL transforms in workers, fp32, TF32 off;
 - fast: `evaluate(fast=True)` — batched GPU JPEG decode, GPU resize, bf16 or TF32,
   channels_last; the same with nvImageCodec as the decoder (`decode="nvimgcodec"`, when
-  installed) and with JPEGs decoded in the workers (`decode="cpu"`); with `--compile`,
-  also the fast path with the model compiled;
+  installed), with JPEGs decoded in the workers (`decode="cpu"`) and with two threads
+  preparing batches (`producers=2`); with `--compile`, also the fast path with the model
+  compiled;
 - baseline: what timm's validate.py does — DataLoader + PIL resize/crop to uint8 in
   workers, pinned memory, normalise on the GPU, bf16 autocast, channels_last.
 
@@ -52,10 +53,13 @@ from parity.protocols import Protocol, resolve_protocol
 DEFAULT_CACHE = Path("checkpoints/cache/bench_eval")
 # the evaluate() runs of each model: the faithful path, the fast path (JPEGs decoded on the GPU by
 # torchvision's nvJPEG, or by nvImageCodec), the fast path with JPEGs decoded in the workers by
-# libjpeg-turbo (PIL's exact pixels), and with --compile the fast path with a compiled model
+# libjpeg-turbo (PIL's exact pixels), each GPU decoder with two batch-preparing threads (one
+# resizes while the other waits on the decoder), and with --compile the fast path with a compiled model
 EVALUATED = {"faithful": {"fast": False}, "fast": {"fast": True, "decode": "gpu"},
              "fast_nvimgcodec": {"fast": True, "decode": "nvimgcodec"},
-             "fast_cpu_decode": {"fast": True, "decode": "cpu"}}
+             "fast_cpu_decode": {"fast": True, "decode": "cpu"},
+             "fast_2_producers": {"fast": True, "decode": "gpu", "producers": 2},
+             "fast_nvimgcodec_2_producers": {"fast": True, "decode": "nvimgcodec", "producers": 2}}
 COMPILED = {"fast_compiled": {"fast": True, "decode": "gpu", "compile": True},
             "fast_nvimgcodec_compiled": {"fast": True, "decode": "nvimgcodec", "compile": True}}
 GPU_DECODERS = tuple(JPEG_DECODERS)  # the decoders that run in the main process, on the device
@@ -334,6 +338,8 @@ LABELS = {
     "fast": "fast (torchvision nvJPEG batched, GPU resize)",
     "fast_nvimgcodec": "fast, nvImageCodec decode (libjpeg's chroma upsampling)",
     "fast_cpu_decode": "fast, JPEGs decoded in the workers (PIL's pixels)",
+    "fast_2_producers": "fast, two threads preparing batches",
+    "fast_nvimgcodec_2_producers": "fast, nvImageCodec decode, two threads preparing batches",
     "fast_compiled": "fast, model compiled (compile time included)",
     "fast_nvimgcodec_compiled": "fast, nvImageCodec decode, model compiled (compile time included)",
     "baseline": "baseline (timm-validate style: PIL in workers, bf16)",

@@ -28,6 +28,7 @@ import functools
 import importlib
 import io
 import os
+import threading
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,7 @@ NVIMGCODEC_INSTALL = ('pip install "nvidia-nvimgcodec-cu13[nvjpeg]" (or -cu12 fo
                       '"parityport[nvimgcodec]" from this project)')
 
 DECODE_CHOICES = ("auto", *DECODERS)  # what `--decode` accepts
+_NVIMGCODEC_LOCK = threading.Lock()
 Decoded = list["torch.Tensor | Exception"]
 
 
@@ -84,7 +86,9 @@ def _nvimgcodec(data: Sequence[torch.Tensor], device: torch.device) -> Decoded:
     # PIL shows a file as stored: no EXIF rotation, here either
     params = module.DecodeParams(apply_exif_orientation=False, color_spec=module.ColorSpec.SRGB)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    images = iter(_nvimgcodec_decoder(_device_index(device)).decode(parsed, params=params, cuda_stream=stream) if parsed else [])
+    with _NVIMGCODEC_LOCK:  # one decoder per GPU, shared by the batch-preparing threads
+        decoded = _nvimgcodec_decoder(_device_index(device)).decode(parsed, params=params, cuda_stream=stream) if parsed else []
+    images = iter(decoded)
     out: Decoded = []
     for s in streams:
         if isinstance(s, Exception):

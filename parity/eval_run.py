@@ -99,19 +99,30 @@ def _prepare(batch: dict[str, Any], protocol: Protocol, device: torch.device, de
 
 
 def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol, device: torch.device,
-                  batch_size: int, workers: int, decode: str = "gpu") -> Iterator[Batch]:
-    """Read bytes (or decode, with `decode="cpu"`) in workers; finish batch k+1 on a side stream while batch k runs."""
+                  batch_size: int, workers: int, decode: str = "gpu", producers: int = 1) -> Iterator[Batch]:
+    """Read bytes (or decode, with `decode="cpu"`) in workers; finish the next batches on side streams while one runs.
+
+    `producers` threads, each with its own CUDA stream, take packed batches from the loader in
+    turn and decode, resize and normalise them. With more than one, a thread can resize a batch
+    while another waits on the decoder, and batches may arrive out of order (their rows carry
+    the images' indices, so nothing depends on the order).
+    """
     loader = DataLoader(BytesDataset(eval_set.samples, indices, decode), batch_size=batch_size, num_workers=workers,
                         multiprocessing_context=worker_context(workers),
                         pin_memory=decode == "cpu" and device.type == "cuda",
                         collate_fn=collate_packed, prefetch_factor=4 if workers else None)
-    ready: queue.Queue = queue.Queue(maxsize=2)
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    packed_batches, take = iter(loader), threading.Lock()
+    ready: queue.Queue = queue.Queue(maxsize=2 * producers)
 
     def produce() -> None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for packed in loader:
+                while True:
+                    with take:  # a DataLoader iterator is not thread-safe
+                        packed = next(packed_batches, None)
+                    if packed is None:
+                        break
                     batch = _prepare(packed, protocol, device, decode)
                     if stream is not None:
                         stream.synchronize()
@@ -120,15 +131,21 @@ def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol,
             ready.put(error)
         ready.put(None)
 
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    while (batch := ready.get()) is not None:
+    threads = [threading.Thread(target=produce, daemon=True) for _ in range(producers)]
+    for thread in threads:
+        thread.start()
+    running = producers
+    while running:
+        if (batch := ready.get()) is None:
+            running -= 1
+            continue
         if isinstance(batch, BaseException):
             raise batch
-        if stream is not None:
+        if device.type == "cuda":
             batch[0].record_stream(torch.cuda.current_stream(device))
         yield batch
-    thread.join()
+    for thread in threads:
+        thread.join()
 
 
 # ---- distributed -------------------------------------------------------------------------------
@@ -246,7 +263,7 @@ def _progress(total: int, rank: int):
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "original", device: str = "cpu",
              batch_size: int = 64, workers: int = 4, fast: bool | None = None, limit: int | None = None,
-             compile: bool = False, decode: str = "auto", precision: str = "auto") -> dict[str, Any]:
+             compile: bool = False, decode: str = "auto", precision: str = "auto", producers: int = 1) -> dict[str, Any]:
     """Top-1/top-5 of the folder's model on VAL_DIR with the named protocol; the result dict of `--json`.
 
     `fast=None` picks the fast GPU pipeline on CUDA and the faithful one elsewhere; `fast=True`
@@ -254,8 +271,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     says where JPEGs are decoded (`eval_decode.DECODERS`: "gpu", torchvision's nvJPEG in
     batches; "nvimgcodec", nvImageCodec with libjpeg's chroma upsampling; "cpu", libjpeg-turbo
     in the workers, PIL's exact pixels; "auto", `eval_decode.resolve_decoder`, whose note
-    lands in decode_note) and `precision` its arithmetic
-    (`fast_precision`). Failed images count as wrong
+    lands in decode_note), `precision` its arithmetic (`fast_precision`) and `producers` how
+    many threads prepare batches (`_fast_batches`). Failed images count as wrong
     and are listed. A half-precision batch whose logits overflow is scored again in TF32
     (`Scorer`; rescored_batches counts them); logits inf or NaN even so stop the run with an
     InputError naming the image. Under torch.distributed each rank evaluates images
@@ -284,7 +301,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     if fast:
         model = fast_model(model, precision, compile)
     indices = list(range(rank, len(eval_set.samples), world))
-    batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers, decode) if fast
+    batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers, decode, producers) if fast
                else _faithful_batches(eval_set, indices, transform, spec, torch_device, batch_size, workers))
     reload = None if _half(precision)[0] is None else lambda: fast_model(load_model(model_dir, torch_device), "tf32")
     scorer = Scorer(model, labels, precision, reload, batch_size if compile else None)

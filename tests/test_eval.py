@@ -444,6 +444,16 @@ def test_odd_images_decoded_or_counted(bit_class1, odd_images, fast, decode):
     assert result["pipeline"] == ("fast" if fast else "faithful")
 
 
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_two_producer_threads_give_the_one_thread_result(tmp_path, odd_images, decode):
+    model = make_bit(tmp_path / "rand", seed=3)  # random weights: every image's prediction is its own
+    one = _eval(model, odd_images, fast=True, decode=decode, batch_size=2)  # 8 images: 4 batches
+    two = _eval(model, odd_images, fast=True, decode=decode, batch_size=2, producers=2)
+    for key in ("predictions", "top1", "top5", "failures", "converted", "batches"):
+        assert two[key] == one[key], key
+    assert sorted(map(str, two["failed_images"])) == sorted(map(str, one["failed_images"]))
+
+
 def test_jpeg_header_routing(odd_images):
     comps = {p.name: eval_data.jpeg_components(p.read_bytes()) for p in (odd_images / WNIDS[1]).iterdir()}
     assert comps["img_0.JPEG"] == 3 and comps["gray.JPEG"] == 1 and comps["cmyk.JPEG"] == 4
@@ -652,7 +662,9 @@ def test_bench_eval_cpu_smoke(tmp_path):
         assert all(run[p]["images"] == 6 and run[p]["images_per_s"] > 0 for p in ("faithful", "fast", "baseline"))
         assert run["agreement_fast_vs_faithful"]["images"] == 6
         assert run["skipped"]["fast_nvimgcodec"].startswith("--decode nvimgcodec decodes on a CUDA device") and "fast_nvimgcodec" not in run
-        assert set(run["skipped"]) == {"fast_nvimgcodec", "input_only_nvimgcodec_decode", "decode_only_nvimgcodec"}
+        assert set(run["skipped"]) == {"fast_nvimgcodec", "fast_nvimgcodec_2_producers", "input_only_nvimgcodec_decode",
+                                       "decode_only_nvimgcodec"}
+        assert run["fast_2_producers"]["images"] == 6
         assert run["decode_only_gpu"]["images"] == 6 and "decode_only_nvimgcodec" not in run
     page = out.with_suffix(".md").read_text()
     assert page.count("What limits the fast path:") == 2 and "| fast (torchvision nvJPEG batched, GPU resize) |" in page
