@@ -579,11 +579,17 @@ def run_eval(args: argparse.Namespace) -> int:
     return _exit_code(result, args)
 
 
+def side_by_side_runs(data: Any) -> dict[str, Any] | None:
+    """The per-protocol results of a side-by-side `--json` file ({protocols, runs, side_by_side}),
+    or None for any other content (a single protocol's result, say)."""
+    runs = data.get("runs") if isinstance(data, dict) else None
+    return runs if isinstance(runs, dict) else None
+
+
 def _run_to_agree_with(other: Any, protocol: str, path: Path) -> dict[str, Any]:
     """The result in an `--agree-with` file to compare a `protocol` run with: the file's result, or
     from a side-by-side file its run of the same protocol."""
-    runs = other.get("runs") if isinstance(other, dict) else None
-    if isinstance(runs, dict):
+    if (runs := side_by_side_runs(other)) is not None:
         if protocol not in runs:
             raise InputError(path, f"has no {protocol} run to agree with (it has {', '.join(runs)})")
         other = runs[protocol]

@@ -55,8 +55,10 @@ def read_evals(path: Path, folder: Path) -> list[dict[str, Any]]:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise InputError(path, f"cannot read the eval result: {error}") from None
-    runs = data.get("runs") if isinstance(data, dict) else None
-    results = list(runs.values()) if isinstance(runs, dict) else [data]
+    from parity.eval_run import side_by_side_runs
+
+    runs = side_by_side_runs(data)
+    results = [data] if runs is None else list(runs.values())
     for result in results:
         if not isinstance(result, dict) or not isinstance(result.get("top1"), (int, float)):
             raise InputError(path, "not a `parityport eval --json` result (no numeric top1)")
