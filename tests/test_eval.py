@@ -353,15 +353,20 @@ def test_half_fast_models_compute_the_fp32_function(tmp_path, maker, precision):
     assert error <= 2 * torch.finfo(half).eps * scale, f"{precision}: max-abs {error:.3g} against logits up to {scale:.3g}"
 
 
-def _overflowing_fp16(path: Path) -> Path:
-    """A tiny BiT predicting class 1 by a head bias of 1e5: finite in fp32 and bf16, beyond fp16's 65504."""
+def _with_head_bias(path: Path, cls: int, value: float, order: list[int] | None = None) -> Path:
+    """A tiny BiT folder (`make_bit`) whose head bias for class `cls` is `value`."""
     from parity.eval_run import load_model
 
-    model = load_model(make_bit(path, order=[1, 2, 0]), torch.device("cpu"))
+    model = load_model(make_bit(path, order=order), torch.device("cpu"))
     with torch.no_grad():
-        model.classifier[-1].bias[1] = 1e5
+        model.classifier[-1].bias[cls] = value
     model.save_pretrained(path)
     return path
+
+
+def _overflowing_fp16(path: Path) -> Path:
+    """A tiny BiT predicting class 1 by a head bias of 1e5: finite in fp32 and bf16, beyond fp16's 65504."""
+    return _with_head_bias(path, 1, 1e5, order=[1, 2, 0])
 
 
 ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
@@ -386,13 +391,8 @@ def test_fp16_overflow_is_scored_again_in_tf32(tmp_path, folders, precision, dev
 @pytest.mark.parametrize("fast, precision", [(False, "fp32"), (True, "fp16-pure")])
 def test_non_finite_logits_in_float_blame_the_weights(tmp_path, folders, fast, precision):
     from converters.errors import InputError
-    from parity.eval_run import load_model
 
-    path = tmp_path / "model"
-    model = load_model(make_bit(path), torch.device("cpu"))
-    with torch.no_grad():
-        model.classifier[-1].bias[3] = float("nan")
-    model.save_pretrained(path)
+    path = _with_head_bias(tmp_path / "model", 3, float("nan"))
     first = sorted((folders / WNIDS[0]).iterdir())[0]
     shown = "tf32" if fast else "fp32"  # an fp16 batch is scored again in TF32 before anything is blamed
     with pytest.raises(InputError, match="^" + re.escape(f"{first}: the model's logits are inf or NaN in {shown} for this "
