@@ -189,9 +189,7 @@ def baseline(model_dir: Path, eval_set: EvalSet, spec: Protocol, device: torch.d
         for pixels, index, _ok, _notes in loader:
             x = (pixels.to(device, non_blocking=True).float() - mean) / std
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                logits = model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits.float()
-            if labels.logit_indices is not None:
-                logits = logits[:, labels.logit_indices]
+                logits = labels.scores(model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits.float())
             predictions[index] = logits.argmax(1).cpu()
             bar.update(len(index))
     seconds = time.perf_counter() - start

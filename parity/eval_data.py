@@ -5,7 +5,8 @@ Supported VAL_DIR layouts (checked in this order):
 1. ``loc-csv`` — Kaggle's ImageNet layout: ``LOC_val_solution.csv`` (columns
    ImageId, PredictionString; the first token of PredictionString is the wnid)
    in VAL_DIR or up to four parent folders; images ``<ImageId>.JPEG`` in VAL_DIR
-   or in VAL_DIR/ILSVRC/Data/CLS-LOC/val.
+   or in VAL_DIR/ILSVRC/Data/CLS-LOC/val (with neither holding images, the CSV is not
+   this folder's: a val folder sorted into class folders below it is layout 3).
 2. ``ilsvrc-devkit`` — the flat ILSVRC2012 val files ``ILSVRC2012_val_NNNNNNNN.JPEG``
    with the devkit ground truth ``ILSVRC2012_validation_ground_truth.txt`` (line n =
    the 1-based ILSVRC2012_ID of image n). IDs are mapped to wnids through the
@@ -78,7 +79,17 @@ class LabelMap:
 
     kind: str
     target_of: dict[str, int]
-    logit_indices: list[int] | None = None  # restrict logits to these outputs before ranking
+    logit_indices: list[int] | None = None  # restrict logits to these outputs before ranking; -1: none
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the scored classes (B, classes): all of them, or the columns `logit_indices`
+        names, where -1 (a class the head lacks, like in1k's teddy bear in the 21k list) scores -inf
+        and so is never predicted, instead of reading the head's last output."""
+        if self.logit_indices is None:
+            return logits
+        indices = torch.as_tensor(self.logit_indices, device=logits.device)
+        selected = logits[:, indices.clamp(min=0)]
+        return selected.masked_fill(indices < 0, float("-inf"))
 
     def targets(self, samples: Sequence[Sample]) -> torch.Tensor:
         """Target index of every sample (in the scored space)."""
@@ -110,7 +121,8 @@ def imagenet1k_wnids() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=None)
 def in21k_to_in1k_indices() -> tuple[int, ...]:
-    """For each in1k class (sorted wnids), its output index in a 21843-way Google in21k head."""
+    """For each in1k class (sorted wnids), its output index in a 21843-way Google in21k head, -1 where
+    the 21k list lacks the class (n04399382, teddy bear)."""
     try:
         from checkpoints.labels import in21k_to_in1k_indices as shared
 
@@ -120,7 +132,7 @@ def in21k_to_in1k_indices() -> tuple[int, ...]:
     except (ImportError, AttributeError, TypeError):
         pass
     position = {wnid: i for i, wnid in enumerate(_timm_info("imagenet21k_goog_synsets.txt"))}
-    return tuple(position[w] for w in imagenet1k_wnids())
+    return tuple(position.get(w, -1) for w in imagenet1k_wnids())
 
 
 # ---- layouts -----------------------------------------------------------------------------------
@@ -190,9 +202,12 @@ def _loc_csv(data_dir: Path) -> EvalSet | None:
         rows = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(handle)}
     image_dir = next((d for d in (data_dir, data_dir / "ILSVRC/Data/CLS-LOC/val") if d.is_dir() and any(_is_image(p) for p in d.iterdir())), None)
     if image_dir is None:
-        raise InputError(solution, f"found {LOC_CSV} but no images in {data_dir} or {data_dir / 'ILSVRC/Data/CLS-LOC/val'}")
+        return None
     files = sorted(p for p in image_dir.iterdir() if _is_image(p))
     samples = [Sample(p, rows[p.stem]) for p in files if p.stem in rows]
+    if not samples:
+        raise InputError(image_dir, f"none of its {len(files)} images is named in {solution} (ImageId + "
+                                    "the image suffix, e.g. ILSVRC2012_val_00000001.JPEG); is this the val set?")
     notes = {"labels_without_image": len(rows) - len(samples), "images_without_label": len(files) - len(samples)}
     return EvalSet(samples, "loc-csv", sorted(set(rows.values())), notes)
 

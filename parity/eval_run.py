@@ -113,12 +113,20 @@ def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol,
                         collate_fn=collate_packed, prefetch_factor=4 if workers else None)
     packed_batches, take = iter(loader), threading.Lock()
     ready: queue.Queue = queue.Queue(maxsize=2 * producers)
+    stop = threading.Event()  # set when the consumer is done, early or not
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                return ready.put(item, timeout=0.1)
+            except queue.Full:
+                continue
 
     def produce() -> None:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                while True:
+                while not stop.is_set():
                     with take:  # a DataLoader iterator is not thread-safe
                         packed = next(packed_batches, None)
                     if packed is None:
@@ -126,41 +134,61 @@ def _fast_batches(eval_set: EvalSet, indices: Sequence[int], protocol: Protocol,
                     batch = _prepare(packed, protocol, device, decode)
                     if stream is not None:
                         stream.synchronize()
-                    ready.put(batch)
+                    put(batch)
         except BaseException as error:  # surfaced in the consumer
-            ready.put(error)
-        ready.put(None)
+            put(error)
+        put(None)
 
     threads = [threading.Thread(target=produce, daemon=True) for _ in range(producers)]
     for thread in threads:
         thread.start()
     running = producers
-    while running:
-        if (batch := ready.get()) is None:
-            running -= 1
-            continue
-        if isinstance(batch, BaseException):
-            raise batch
-        if device.type == "cuda":
-            batch[0].record_stream(torch.cuda.current_stream(device))
-        yield batch
-    for thread in threads:
-        thread.join()
+    try:
+        while running:
+            if (batch := ready.get()) is None:
+                running -= 1
+                continue
+            if isinstance(batch, BaseException):
+                raise batch
+            if device.type == "cuda":
+                batch[0].record_stream(torch.cuda.current_stream(device))
+            yield batch
+    finally:  # also when the consumer stops early (closing this generator): no thread or worker left behind
+        stop.set()
+        for thread in threads:
+            thread.join()
+        del packed_batches  # its workers shut down with it
 
 
 # ---- distributed -------------------------------------------------------------------------------
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world_size), initialising the process group from torchrun's environment if needed."""
+def _world(device_type: str) -> tuple[int, int]:
+    """(rank, world_size), initialising the process group from torchrun's environment if needed:
+    NCCL for CUDA devices, gloo for CPU ones (or where PARITYPORT_DIST_BACKEND=gloo)."""
     if not dist.is_available():
         return 0, 1
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("PARITYPORT_DIST_BACKEND") != "gloo" else "gloo"
+        nccl = device_type == "cuda" and torch.cuda.is_available() and os.environ.get("PARITYPORT_DIST_BACKEND") != "gloo"
+        backend = "nccl" if nccl else "gloo"
         dist.init_process_group(backend)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _agree_on_failure(failure: InputError | None, world: int) -> None:
+    """Raise `failure` here, or on every rank the first rank's failure, so that no rank waits in a
+    collective for one that has stopped (and every rank exits 2 with the same line)."""
+    if world > 1:
+        failures: list[tuple[str | None, str] | None] = [None] * world
+        dist.all_gather_object(failures, None if failure is None else (failure.path, failure.problem))
+        first = next(((r, f) for r, f in enumerate(failures) if f is not None), None)
+        if first is not None and failure is None:
+            path, problem = first[1]
+            failure = InputError(path, f"{problem} (found by rank {first[0]} of {world})")
+    if failure is not None:
+        raise failure
 
 
 def _comm_device(device: torch.device) -> torch.device:
@@ -248,13 +276,6 @@ def logits(model: torch.nn.Module, pixels: torch.Tensor, precision: str) -> torc
         return model(pixel_values=pixels.to(dtype, memory_format=torch.channels_last)).logits.float()
 
 
-def _scores(model: torch.nn.Module, pixels: torch.Tensor, labels: LabelMap, precision: str) -> torch.Tensor:
-    scores = logits(model, pixels, precision)
-    if labels.logit_indices is not None:
-        scores = scores[:, torch.as_tensor(labels.logit_indices, device=scores.device)]
-    return scores
-
-
 def _progress(total: int, rank: int):
     from tqdm import tqdm
 
@@ -283,8 +304,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     scored), batches and rescored_batches (over all ranks), batch_size, world_size, predictions
     (top-1 output per image, -1 for a failure, in the set's order).
     """
-    rank, world = _world()
     torch_device = torch.device(device)
+    rank, world = _world(torch_device.type)
     if torch_device.type == "cuda" and torch_device.index is None and world > 1:
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
         torch.cuda.set_device(torch_device)  # NCCL collectives and all_gather_object use the current device
@@ -304,11 +325,17 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     batches = (_fast_batches(eval_set, indices, spec, torch_device, batch_size, workers, decode, producers) if fast
                else _faithful_batches(eval_set, indices, transform, spec, torch_device, batch_size, workers))
     reload = None if _half(precision)[0] is None else lambda: fast_model(load_model(model_dir, torch_device), "tf32")
-    scorer = Scorer(model, labels, precision, reload, batch_size if compile else None)
+    scorer = Scorer(model, labels, precision, reload, pad_to(batch_size, fast, compile, torch_device))
     try:
         rows, notes, elapsed, first = _run(scorer, batches, len(indices), rank)
     except NonFiniteLogits as error:
-        raise InputError(eval_set.samples[error.indices[0]].path, _non_finite_problem(error)) from None
+        failure = InputError(eval_set.samples[error.indices[0]].path, _non_finite_problem(error))
+        rows, notes, elapsed, first = torch.empty(0, 7, dtype=torch.long), {}, 0.0, None
+    else:
+        failure = None
+    finally:
+        batches.close()  # the pipeline's threads and workers stop here, not at garbage collection
+    _agree_on_failure(failure, world)
     return _result(eval_set, labels, rows, notes, elapsed, world, torch_device, (scorer.batches, scorer.rescored),
                    {"protocol": protocol, "protocol_spec": spec.__dict__ | {"resize_side": spec.resize_side},
                     "preprocessing": spec.describe(),
@@ -319,6 +346,16 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
                     "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"})
 
 
+def pad_to(batch_size: int, fast: bool, compile: bool, device: torch.device) -> int | None:
+    """The batch size every batch is padded to (`Scorer`), or None for no padding.
+
+    A compiled model would compile again for the shorter last batch, and on CUDA the fast path's
+    cuDNN benchmark mode would time every convolution's algorithms again for its shape (seconds
+    for a ResNet), so both get one shape; the cost is at most batch_size - 1 images' work.
+    """
+    return batch_size if compile or (fast and device.type == "cuda") else None
+
+
 class Scorer:
     """A batch's class scores from the eval's model in its precision.
 
@@ -326,8 +363,8 @@ class Scorer:
     is scored again in TF32 by a float copy of the model, loaded by `reload` at the first such
     batch; `rescored` counts those batches, `batches` all of them. Logits still not finite
     raise NonFiniteLogits: their top-k would mean nothing. With `pad_to`, a shorter (last) batch
-    is padded with zero images up to that size and their scores dropped, so a compiled model
-    sees one shape and does not compile again.
+    is padded with zero images up to that size and their scores dropped, so the model sees one
+    shape: a compiled model does not compile again, nor cuDNN autotune again.
     """
 
     def __init__(self, model: torch.nn.Module, labels: LabelMap, precision: str,
@@ -339,17 +376,17 @@ class Scorer:
     def __call__(self, pixels: torch.Tensor, index: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         self.batches += 1
         precision = self.precision
-        scores = _scores(self.model, padded(pixels, self.pad_to), self.labels, precision)[: len(pixels)]
-        bad = ~scores.isfinite().all(1).cpu() & ok
+        out = logits(self.model, padded(pixels, self.pad_to), precision)[: len(pixels)]
+        bad = ~out.isfinite().all(1).cpu() & ok
         if bool(bad.any()) and self.reload is not None:
             if self._float is None:
                 self._float = self.reload()
-            scores, precision = _scores(self._float, pixels, self.labels, "tf32"), "tf32"
+            out, precision = logits(self._float, pixels, "tf32"), "tf32"
             self.rescored += 1
-            bad = ~scores.isfinite().all(1).cpu() & ok
+            bad = ~out.isfinite().all(1).cpu() & ok
         if bool(bad.any()):
             raise NonFiniteLogits([int(i) for i in index[bad]], len(index), precision)
-        return scores
+        return self.labels.scores(out)
 
 
 @torch.inference_mode()

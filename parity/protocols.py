@@ -148,22 +148,45 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def folder_overrides(model_dir: Path) -> dict[str, Any]:
     """The folder's eval overrides (module docstring): preprocessor block over config block."""
-    block = {
-        **read_json(model_dir / "config.json").get("parityport_eval", {}),
-        **read_json(model_dir / "preprocessor_config.json").get("parityport", {}),
-    }
+    blocks = [(read_json(model_dir / name).get(key, {}), name, key)
+              for name, key in (("config.json", "parityport_eval"), ("preprocessor_config.json", "parityport"))]
+    for found, name, key in blocks:
+        if not isinstance(found, dict):
+            raise InputError(model_dir / name, f"{key!r} must be a JSON object of eval overrides")
+    block = {**blocks[0][0], **blocks[1][0]}
     unknown = set(block) - _OVERRIDE_KEYS
     if unknown:
         raise InputError(model_dir, f"unknown eval override keys {sorted(unknown)}; known: {sorted(_OVERRIDE_KEYS)}")
+    for key, value in block.items():
+        if not _OVERRIDE_CHECKS[key](value):
+            raise InputError(model_dir, f"eval override {key}={value!r}: expected {_OVERRIDE_EXPECTED[key]}")
     return block
 
 
-def apply_overrides(protocol: Protocol, overrides: dict[str, Any]) -> Protocol:
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+_OVERRIDE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "image_size": _whole,
+    "crop_pct": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+    "resize_size": lambda v: v is None or _whole(v),
+    "timm_model": lambda v: isinstance(v, str) and bool(v),
+}
+_OVERRIDE_EXPECTED = {"image_size": "a whole number of pixels >= 1", "crop_pct": "a number in (0, 1]",
+                      "resize_size": "a whole number of pixels >= 1 or null", "timm_model": "a timm pretrained-config name"}
+
+
+def apply_overrides(protocol: Protocol, overrides: dict[str, Any], where: Path | None = None) -> Protocol:
     """Return `protocol` with the folder's image_size / crop_pct / resize_size applied."""
     fields = {k: overrides[k] for k in ("image_size", "crop_pct", "resize_size") if k in overrides}
     if "image_size" in fields and "resize_size" not in fields and "crop_pct" not in fields:
         fields["resize_size"] = None  # keep the protocol's crop_pct at the new size
-    return dataclasses.replace(protocol, **fields)
+    changed = dataclasses.replace(protocol, **fields)
+    if changed.resize_side < changed.image_size:
+        raise InputError(where, f"eval overrides {overrides}: the resize side {changed.resize_side} is smaller "
+                               f"than the crop {changed.image_size}")
+    return changed
 
 
 def model_family(model_dir: Path) -> str:
@@ -181,7 +204,7 @@ def _original(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.
     family = model_family(model_dir)
     if family not in ORIGINAL:
         raise InputError(model_dir, f"no original protocol for model_type {family!r}; known: {sorted(ORIGINAL)}")
-    protocol = apply_overrides(ORIGINAL[family], folder_overrides(model_dir))
+    protocol = apply_overrides(ORIGINAL[family], folder_overrides(model_dir), model_dir)
     return protocol, torchvision_transform(protocol)
 
 
@@ -190,8 +213,15 @@ def _hub(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tenso
 
     if not (model_dir / "preprocessor_config.json").is_file():
         raise InputError(model_dir, "protocol 'hub' needs preprocessor_config.json")
-    processor = AutoImageProcessor.from_pretrained(str(model_dir), backend="pil")
-    return protocol_from_processor(processor.to_dict()), _ProcessorTransform(processor)
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(model_dir), backend="pil")
+    except (ValueError, OSError, TypeError) as error:  # e.g. an image_processor_type transformers lacks
+        raise InputError(model_dir / "preprocessor_config.json", f"transformers cannot build its image processor: "
+                                                                 f"{str(error).splitlines()[0].split('. ')[0]}") from None
+    try:
+        return protocol_from_processor(processor.to_dict()), _ProcessorTransform(processor)
+    except InputError as error:
+        raise InputError(model_dir / "preprocessor_config.json", error.problem) from None
 
 
 def _timm(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tensor]]:
@@ -214,7 +244,7 @@ def _timm(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tens
         tuple(data["mean"]),
         tuple(data["std"]),
     )
-    protocol = apply_overrides(protocol, overrides)
+    protocol = apply_overrides(protocol, overrides, model_dir)
     # timm computes the resize side as floor(size / crop_pct); pass a crop_pct that lands on ours exactly.
     crop_pct = protocol.image_size / (protocol.resize_side + 0.5)
     transform = create_transform(
@@ -254,14 +284,21 @@ def protocol_from_processor(cfg: dict[str, Any]) -> Protocol:
         resize, side = "squash", int(size["height"])
     else:
         raise InputError(None, f"image processor size {size} is not a square or shortest_edge resize")
+    if resize == "shorter" and not cfg.get("do_center_crop"):
+        raise InputError(None, f"image processor resizes the shorter side to {side} without a centre crop: "
+                               "images keep their shapes, so they make no batch")
     image_size = int(crop.get("height", side)) if cfg.get("do_center_crop") else side
+    resample = cfg.get("resample", 2)
+    if resample not in _PIL_RESAMPLE:
+        raise InputError(None, f"image processor resample {resample!r} is not one parityport eval applies; "
+                               f"known: {', '.join(f'{k} ({v})' for k, v in _PIL_RESAMPLE.items())}")
     normalize = cfg.get("do_normalize", True)
     return Protocol(
         "hub",
         resize,
         image_size,
         1.0,
-        _PIL_RESAMPLE.get(int(cfg.get("resample", 2)), "bilinear"),
+        _PIL_RESAMPLE[resample],
         tuple(cfg.get("image_mean") or (0.0,) * 3) if normalize else (0.0,) * 3,
         tuple(cfg.get("image_std") or (1.0,) * 3) if normalize else (1.0,) * 3,
         resize_size=side,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from converters.errors import InputError
 from parity import eval_data, protocols
 from parity.eval_run import evaluate, main, prediction_agreement, worker_context
 
@@ -169,6 +172,23 @@ def test_loc_csv_kaggle_tree(tmp_path, bit_class1):
         assert result["layout"] == "loc-csv" and result["top1"] == pytest.approx(60.0)
 
 
+def test_loc_csv_that_names_none_of_the_images_is_an_error_not_zero_percent(tmp_path):
+    test = tmp_path / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC" / "test"
+    make_flat(test, [0] * 3)
+    (tmp_path / "kaggle" / eval_data.LOC_CSV).write_text("ImageId,PredictionString\nILSVRC2012_val_00009999,n01440764 1\n")
+    with pytest.raises(InputError, match=r"none of its 3 images is named in .*LOC_val_solution.csv") as error:
+        eval_data.find_eval_set(test)
+    assert error.value.path == str(test)
+
+
+def test_loc_csv_above_a_val_folder_sorted_into_class_folders_is_not_its_layout(tmp_path, folders):
+    root = tmp_path / "imagenet"
+    shutil.copytree(folders, root / "val")
+    (root / eval_data.LOC_CSV).write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1\n")
+    found = eval_data.find_eval_set(root / "val")
+    assert found.layout == "class-folders" and len(found.samples) == 10
+
+
 def test_generic_folders_by_id2label_and_sorted(tmp_path):
     data = make_class_folders(tmp_path / "data", ["apple", "mango", "zebra"], [1, 2, 3])
     named = make_bit(tmp_path / "named", 3, order=[0], id2label={0: "zebra", 1: "apple", 2: "mango"})
@@ -188,6 +208,21 @@ def test_in21k_head_scored_on_1k(tmp_path, folders):
     result = _eval(model, folders)
     assert result["label_mapping"] == "imagenet-21k→1k"
     assert result["top1"] == pytest.approx(30.0) and result["predictions"] == [2] * 10
+
+
+def test_in1k_class_missing_from_the_21k_list_is_never_predicted(tmp_path):
+    to_21k = eval_data.in21k_to_in1k_indices()
+    teddy = eval_data.imagenet1k_wnids().index("n04399382")
+    assert to_21k[teddy] == -1 and sorted(to_21k)[1] >= 0  # the only class the 21k list lacks
+    data = tmp_path / "val"
+    for seed, wnid in enumerate(["n04399382", "n01440764"]):
+        (data / wnid).mkdir(parents=True)
+        _image(seed).save(data / wnid / f"{seed}.JPEG")
+    # the head's last output (what index -1 would read) ranks first, then class 0's
+    model = make_bit(tmp_path / "m21k", 21843, order=[21842, to_21k[0]])
+    result = _eval(model, data)
+    assert result["label_mapping"] == "imagenet-21k→1k"
+    assert result["predictions"] == [0, 0] and result["top1"] == pytest.approx(50.0)
 
 
 def test_limit_keeps_every_class(folders):
@@ -296,6 +331,16 @@ def test_padding_the_last_batch_leaves_every_score_unchanged(tmp_path, odd_image
     assert 0 < compiled_shape["first_batch_s"] <= compiled_shape["seconds"]
 
 
+def test_batches_are_padded_to_one_shape_where_a_compiler_or_cudnn_autotuning_would_run_again():
+    from parity.eval_run import pad_to
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pad_to(64, fast=True, compile=False, device=cuda) == 64  # cuDNN benchmark mode
+    assert pad_to(64, fast=True, compile=True, device=cpu) == 64  # a compiled model
+    assert pad_to(64, fast=False, compile=False, device=cuda) is None  # faithful: no autotuning
+    assert pad_to(64, fast=True, compile=False, device=cpu) is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("maker", [make_bit, make_data2vec], ids=["bit", "data2vec"])
 def test_compiled_fast_path_predicts_as_the_eager_one(tmp_path, odd_images, maker):
@@ -307,7 +352,6 @@ def test_compiled_fast_path_predicts_as_the_eager_one(tmp_path, odd_images, make
 
 
 def test_fast_precision_per_model_type():
-    from converters.errors import InputError
     from parity.eval_run import fast_precision
 
     assert [fast_precision("auto", t) for t in ("bit", "data2vec-vision", "data2vec2-vision")] == ["tf32", "bf16-pure", "bf16"]
@@ -390,7 +434,6 @@ def test_fp16_overflow_is_scored_again_in_tf32(tmp_path, folders, precision, dev
 
 @pytest.mark.parametrize("fast, precision", [(False, "fp32"), (True, "fp16-pure")])
 def test_non_finite_logits_in_float_blame_the_weights(tmp_path, folders, fast, precision):
-    from converters.errors import InputError
 
     path = _with_head_bias(tmp_path / "model", 3, float("nan"))
     first = sorted((folders / WNIDS[0]).iterdir())[0]
@@ -399,6 +442,26 @@ def test_non_finite_logits_in_float_blame_the_weights(tmp_path, folders, fast, p
                                                          "image and 3 more of its batch of 4: its weights give non-finite "
                                                          "outputs (check the folder with `parityport parity`)") + "$"):
         _eval(path, folders, fast=fast, precision=precision)
+
+
+@pytest.mark.parametrize("fast, producers", [(False, 1), (True, 1), (True, 2)])
+def test_a_run_stopped_by_an_error_leaves_no_thread_or_worker_behind(tmp_path, folders, fast, producers):
+    import multiprocessing
+    import threading
+
+    def threads() -> set[threading.Thread]:  # tqdm's progress-bar monitor comes and goes on its own
+        return {t for t in threading.enumerate() if t.name != "tqdm_monitor"}
+
+    path = _with_head_bias(tmp_path / "model", 3, float("nan"))
+    before = threads()
+    with pytest.raises(InputError, match="non-finite outputs"):
+        _eval(path, folders, fast=fast, batch_size=2, workers=2, producers=producers)  # stops at the first of 5 batches
+    assert multiprocessing.active_children() == []
+    for _ in range(50):  # the workers' queue-feeding threads end just after the workers
+        if threads() <= before:
+            break
+        time.sleep(0.1)
+    assert threads() <= before
 
 
 @pytest.mark.parametrize("precision", ["bf16-pure", "fp16-pure"])
@@ -701,3 +764,37 @@ def test_hub_protocol_for_data2vec_squash(tmp_path):
     hub, transform = protocols.resolve_protocol(model, "hub")
     assert (hub.resize, hub.resize_side, hub.image_size, hub.interpolation) == ("squash", 32, 32, "bicubic")
     assert transform(_image(2, (50, 30))).shape == (3, 32, 32)
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("override, problem", [
+    ({"image_size": "32"}, "eval override image_size='32': expected a whole number of pixels >= 1"),
+    ({"crop_pct": 0}, "eval override crop_pct=0: expected a number in (0, 1]"),
+    ({"resize_size": 2.5}, "eval override resize_size=2.5: expected a whole number of pixels >= 1 or null"),
+    ({"image_size": 32, "resize_size": 16}, "eval overrides {'image_size': 32, 'resize_size': 16}: "
+                                            "the resize side 16 is smaller than the crop 32"),
+    ([1], "'parityport' must be a JSON object of eval overrides"),
+])
+def test_bad_eval_overrides_are_input_errors(tmp_path, override, problem):
+    model = make_bit(tmp_path / "m", 3)
+    _edit_json(model / "preprocessor_config.json", parityport=override)
+    with pytest.raises(InputError) as error:
+        protocols.resolve_protocol(model, "original")
+    assert error.value.problem == problem
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"resample": 1}, "image processor resample 1 is not one parityport eval applies; known: 2 (bilinear), 3 (bicubic)"),
+    ({"do_center_crop": False}, "image processor resizes the shorter side to 36 without a centre crop: "
+                                "images keep their shapes, so they make no batch"),
+    ({"image_processor_type": "NoSuchImageProcessor"}, "transformers cannot build its image processor: "),
+])
+def test_hub_processors_eval_cannot_apply_are_input_errors(tmp_path, changes, problem):
+    model = make_bit(tmp_path / "m", 3)
+    _edit_json(model / "preprocessor_config.json", **changes)
+    with pytest.raises(InputError) as error:
+        protocols.resolve_protocol(model, "hub")
+    assert error.value.problem.startswith(problem) and error.value.path == str(model / "preprocessor_config.json")
