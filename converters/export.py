@@ -28,7 +28,8 @@ SHA256_HEX = 64  # characters of a sha256 hex digest
 
 
 def check_destination(source: Path, dest: Path) -> None:
-    """Refuse an output that is the input, contains it, or lies inside it, or is a symlink.
+    """Refuse an output that is the input, contains it, or lies inside it, is a symlink, holds the
+    current folder, or is a non-empty folder parityport did not write (replacing it would lose its files).
 
     A symlinked destination is refused outright: committing would replace the
     link itself (or, dangling, fail at the very end), and a link to the input
@@ -42,6 +43,21 @@ def check_destination(source: Path, dest: Path) -> None:
         raise InputError(dest, f"the output folder may not be, contain or be inside the input {source}")
     if dest.exists() and not dest.is_dir():
         raise InputError(dest, "exists and is not a folder")
+    if Path.cwd().resolve().is_relative_to(out):
+        raise InputError(dest, "is the current folder or contains it, which cannot be replaced; give a new folder's path")
+    if dest.is_dir() and any(dest.iterdir()) and not _written_by_us(dest):
+        raise InputError(dest, "exists and is not a folder parityport wrote (no model.safetensors of its own), "
+                               "so it is never replaced, even with --force; choose another --out")
+
+
+def _written_by_us(folder: Path) -> bool:
+    """Whether `folder` holds a conversion of ours: weights whose metadata names parityport."""
+    from converters.shards import read_metadata
+
+    try:
+        return read_metadata(folder).get("converter") == "parityport"
+    except (InputError, OSError, ValueError, IndexError):
+        return False
 
 
 def up_to_date(dest: Path, source_sha256: str, dtype: str = "float32", verified: bool = True) -> bool:

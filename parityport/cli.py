@@ -41,7 +41,10 @@ def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> t
         from checkpoints.catalog import lookup
         from checkpoints.offline import synthetic_stand_in
 
-        entry = lookup(name)
+        try:
+            entry = lookup(name)
+        except InputError:  # not a catalog name: the first error says what SRC is not
+            raise e from None
         path = synthetic_stand_in(entry, out_parent / "synthetic")
         _say(f"parityport: {e.problem}")
         _say(f"parityport: NOT the real weights: converting a synthetic file in the exact "
@@ -72,7 +75,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     max_shard_size = parse_size(args.max_shard_size)
     check_destination(src, dest)
-    if dest.exists() and not args.force:
+    if dest.exists() and any(dest.iterdir()) and not args.force:  # an empty folder has nothing to lose
         if up_to_date(dest, digest.result(), args.dtype, verified=not args.no_parity):
             _say(f"parityport: {dest} is already a{'' if args.no_parity else ' verified'} {args.dtype} "
                  f"conversion of {src.name}; nothing to do")
@@ -163,12 +166,48 @@ def cmd_parity(args: argparse.Namespace) -> int:
         raise InputError(folder, "not a converted folder (no config.json)")
     checkpoint = open_isolated(Path(args.src))
     _, conversion = convert_checkpoint(checkpoint)
+    _check_same_tensors(conversion, folder, Path(args.src))
 
     report = verify_conversion(checkpoint, conversion, folder, _stored_dtype(folder))
     print(report_markdown(report))
     if not report.passed:
         raise CheckFailed(f"{folder}: parity FAILED ({report.failure})")
     return 0
+
+
+def _check_same_tensors(conversion, folder: Path, src: Path) -> None:
+    """Raise InputError when `folder` does not hold the tensors (names and shapes) `src` converts to:
+    then it holds another model, and a layer-by-layer comparison has nothing to compare."""
+    from safetensors import safe_open
+
+    from converters.shards import weight_files
+
+    stored: dict[str, tuple[int, ...]] = {}
+    for name in weight_files(folder):
+        try:
+            with safe_open(folder / name, framework="numpy") as f:
+                stored |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as error:  # noqa: BLE001  safetensors raises its own error type
+            raise InputError(folder / name, f"cannot read the safetensors header: {error}") from None
+    expected = {key: tuple(t.shape) for key, t in conversion.tensors.items()}
+    missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & stored.keys() if expected[k] != stored[k])
+    if missing or extra or reshaped:
+        found = _model_type(folder)
+        example = (f"{missing[0]} missing" if missing else f"{extra[0]} not in {src.name}" if extra
+                   else f"{reshaped[0]} is {list(stored[reshaped[0]])}, not {list(expected[reshaped[0]])}")
+        raise InputError(folder, f"does not hold the model {src} converts to ({conversion.family} "
+                                 f"{conversion.variant}; the folder's model_type: {found}): {len(missing)} tensors missing, "
+                                 f"{len(extra)} unexpected, {len(reshaped)} of other shapes (e.g. {example})")
+
+
+def _model_type(folder: Path) -> str:
+    import json
+
+    try:
+        return str(json.loads((folder / "config.json").read_text()).get("model_type", "no model_type"))
+    except (OSError, ValueError, AttributeError):
+        return "unreadable config.json"
 
 
 def _stored_dtype(folder: Path) -> str:

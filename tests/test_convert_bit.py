@@ -149,6 +149,16 @@ def test_planted_tf_same_padding_is_caught_at_the_stem(tiny_folder, tiny_npz, tm
     assert "first diverging tap: stem)" in capsys.readouterr().err
 
 
+def test_parity_of_a_folder_holding_another_model_is_bad_input(tiny_folder, tmp_path, capsys):
+    other = tmp_path / "wider.npz"
+    write_bit_npz(other, bit_arrays(**{**TINY_BIT, "num_classes": 7}, seed=1))
+    assert main(["parity", str(other), str(tiny_folder)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"parityport: error: {tiny_folder}: does not hold the model {other} converts to (bit R17x0.5; "
+        "the folder's model_type: bit): 0 tensors missing, 0 unexpected, 2 of other shapes "
+        "(e.g. classifier.1.bias is [10], not [7])")
+
+
 def test_planted_minus_inf_pool_padding_is_caught_at_the_stem(tiny_folder, tiny_npz):
     from transformers import AutoModelForImageClassification
 
@@ -179,6 +189,32 @@ def test_existing_folder_of_another_source_needs_force(tiny_folder, tmp_path, ca
     write_bit_npz(tmp_path / "other.npz", bit_arrays(**TINY_BIT, seed=2))
     assert main(["convert", str(tmp_path / "other.npz"), "--out", str(tiny_folder)]) == 2
     assert capsys.readouterr().err.strip() == f"parityport: error: {tiny_folder}: exists; pass --force to replace it"
+
+
+def test_force_never_replaces_a_folder_parityport_did_not_write(tiny_npz, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    for force in ([], ["--force"]):
+        assert main(["convert", str(tiny_npz), "--out", str(mine), "--no-parity", *force]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"parityport: error: {mine}: exists and is not a folder parityport wrote (no model.safetensors of its "
+            "own), so it is never replaced, even with --force; choose another --out")
+        assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["convert", str(tiny_npz), "--out", str(empty), "--no-parity"]) == 0
+    assert (empty / "model.safetensors").is_file()
+
+
+def test_the_current_folder_is_no_output(tiny_npz, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", str(tmp_path)):
+        assert main(["convert", str(tiny_npz), "--out", out, "--no-parity", "--force"]) == 2
+        assert capsys.readouterr().err.strip() == (f"parityport: error: {out}: is the current folder or contains it, "
+                                                   "which cannot be replaced; give a new folder's path")
 
 
 # ---------------------------------------------------------------------------

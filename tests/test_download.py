@@ -262,6 +262,15 @@ def test_resolve_rejects_unknown_names_and_missing_paths(tmp_path: Path) -> None
     assert str(caught.value) == f"{missing}: no such file, and not a catalog name (parityport catalog lists them)"
 
 
+def test_a_missing_file_is_named_as_such_when_a_stand_in_was_allowed(tmp_path: Path, capsys) -> None:
+    from parityport.cli import main
+
+    missing = str(tmp_path / "nope.npz")  # what `make convert-bit CKPT=...` passes, with --synthetic-if-offline
+    assert main(["convert", missing, "--out", str(tmp_path / "out"), "--synthetic-if-offline"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"parityport: error: {missing}: no such file, and not a catalog name (parityport catalog lists them)")
+
+
 def test_a_download_records_its_digest_for_as_long_as_the_file_is_unchanged(server: str, tmp_path: Path) -> None:
     from checkpoints.download import cached_digest
     from converters.digest import recorded
