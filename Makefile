@@ -29,11 +29,14 @@ test-all: setup
 fuzz: setup
 	$(PY) -m pytest -q -m fuzz_long tests
 
+# SRC into OUT/NAME, or OUT/NAME-DTYPE for a half precision, which then sits beside the float32 folder
+convert = $(VENV)/bin/parityport convert $(1) --out $(OUT)/$(notdir $(basename $(1)))$(if $(filter-out float32,$(DTYPE)),-$(DTYPE)) --dtype $(DTYPE) $(if $(FORCE),--force) --synthetic-if-offline
+
 convert-bit: setup
-	$(VENV)/bin/parityport convert $(or $(CKPT),BiT-M-R50x1-ILSVRC2012) --out $(OUT)/$(notdir $(basename $(or $(CKPT),BiT-M-R50x1-ILSVRC2012))) --dtype $(DTYPE) $(if $(FORCE),--force) --synthetic-if-offline
+	$(call convert,$(or $(CKPT),BiT-M-R50x1-ILSVRC2012))
 
 convert-data2vec: setup
-	$(VENV)/bin/parityport convert $(or $(CKPT),data2vec-vision-base-ft1k) --out $(OUT)/$(notdir $(basename $(or $(CKPT),data2vec-vision-base-ft1k))) --dtype $(DTYPE) $(if $(FORCE),--force) --synthetic-if-offline
+	$(call convert,$(or $(CKPT),data2vec-vision-base-ft1k))
 
 parity: setup
 	$(VENV)/bin/parityport parity $(SRC) $(DIR)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from checkpoints.catalog import lookup
-from checkpoints.fixtures.common import prepare_eval_folder
+from checkpoints.fixtures.prepare_eval import main as prepare_eval
 from checkpoints.fixtures.dataset import (CLASSES, JPEG_QUALITY, SPLITS, TRAIN_PER_CLASS, VAL_PER_CLASS, draw,
                                           generate)
 from parityport.cli import main
@@ -97,7 +97,8 @@ def converted(workdir: Path, records):
         if family not in done:
             record, out = records(family), workdir / f"converted-{family}"
             assert main(["convert", record["checkpoint"], "--out", str(out)]) == 0
-            done[family] = prepare_eval_folder(out, record["image_size"], record["classes"])
+            assert prepare_eval([str(workdir / f"{FIXTURES[family][1]}.json"), str(out)]) == 0  # the README's step
+            done[family] = out
         return done[family]
 
     return folder
