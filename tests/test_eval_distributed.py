@@ -48,3 +48,32 @@ def test_two_ranks_equal_one(tmp_path):
             assert multi[key] == single[key], key
         assert (single["batches"], multi["batches"]) == (3, 4)  # 11 images in 4s; 6 + 5 in 3s, summed over the ranks
 
+
+
+def _failing_worker(rank: int, world: int, model: str, data: str, rendezvous: str, out: str) -> None:
+    from converters.errors import InputError
+    from parity.eval_run import evaluate
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        evaluate(model, data, protocol="original", device="cpu", batch_size=1, workers=0, fast=False)
+        Path(out, f"rank{rank}.txt").write_text("no error")
+    except InputError as error:
+        Path(out, f"rank{rank}.txt").write_text(str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_stops_stops_every_rank_with_its_error(tmp_path):
+    from test_eval import _with_head_bias
+
+    model = _with_head_bias(tmp_path / "model", 3, float("nan"))
+    data = make_class_folders(tmp_path / "val", WNIDS[:1], [2])
+    readable, garbage = sorted((data / WNIDS[0]).iterdir())
+    garbage.write_bytes(b"not an image")  # rank 1's only image: counted as a failure, never blamed
+    mp.spawn(_failing_worker, args=(2, str(model), str(data), str(tmp_path / "rdv"), str(tmp_path)), nprocs=2, join=True)
+    problem = (f"{readable}: the model's logits are inf or NaN in fp32 for this image: its weights give "
+               "non-finite outputs (check the folder with `parityport parity`)")
+    assert (tmp_path / "rank0.txt").read_text() == problem
+    assert (tmp_path / "rank1.txt").read_text() == problem + " (found by rank 0 of 2)"
