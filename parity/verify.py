@@ -160,5 +160,9 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise CheckFailed(f"{folder}: verification FAILED: {problems[0]}"
                           + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    print(f"{folder}: verified (checksums, parity record, strict load, finite logits on the photo)")
+    from parity.card import is_synthetic
+
+    synthetic = "; its weights are a SYNTHETIC stand-in (random values), not the published checkpoint"
+    print(f"{folder}: verified (checksums, parity record, strict load, finite logits on the photo)"
+          + (synthetic if is_synthetic(read_parity(folder)) else ""))
     return 0

@@ -103,7 +103,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _write_card(tmp, dest)
         write_sha256sums(tmp)
         commit(tmp, dest)
-    _say(f"parityport: wrote {dest}" + ("" if args.no_parity else " (parity passed)"))
+    done = [] if args.no_parity else ["parity passed"]
+    done += ["SYNTHETIC weights (random values), not the published checkpoint"] if synthetic else []
+    _say(f"parityport: wrote {dest}" + (f" ({'; '.join(done)})" if done else ""))
     return 0
 
 

@@ -442,7 +442,9 @@ def test_catalog_default_runs_offline_on_a_synthetic_stand_in(tmp_path, monkeypa
     monkeypatch.setenv("PARITYPORT_BASE_URL", "http://127.0.0.1:9/")  # nothing listens there
     out = tmp_path / "out" / "data2vec-vision-base-ft1k"
     assert main(["convert", "data2vec-vision-base-ft1k", "--out", str(out), "--synthetic-if-offline"]) == 0
-    assert "NOT the real weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "NOT the real weights" in err
+    assert err.strip().endswith(f"wrote {out} (parity passed; SYNTHETIC weights (random values), not the published checkpoint)")
     report = report_of(out)
     assert report["passed"] and report["notes"][0].startswith("SYNTHETIC source")
     assert_taps(report, {"logits": D2V1_LOGITS})

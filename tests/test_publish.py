@@ -369,6 +369,10 @@ def test_synthetic_weights_are_listed_but_never_uploaded(folder, tmp_path, monke
     assert main(["publish", str(copy), "--repo-id", "me/tiny", "--token", "hf_test"]) == 2
     assert "SYNTHETIC" in last_line(capsys.readouterr().err)
     assert "Not the published weights" in model_card(copy, [], None)
+    assert main(["verify", str(copy)]) == 0
+    assert capsys.readouterr().out.strip().endswith(
+        "verified (checksums, parity record, strict load, finite logits on the photo); its weights are a "
+        "SYNTHETIC stand-in (random values), not the published checkpoint")
 
 
 def test_remote_code_models_get_trust_remote_code_in_the_snippet():
