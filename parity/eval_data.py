@@ -70,7 +70,7 @@ class EvalSet:
     samples: list[Sample]
     layout: str
     class_names: list[str]  # every class the layout declares, sorted (folders, or wnids seen)
-    notes: dict[str, int] = field(default_factory=dict)  # labels without images, images without labels
+    notes: dict[str, int] = field(default_factory=dict)  # labels without images, images without labels, subset_of
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,7 @@ def find_eval_set(data_dir: str | Path, limit: int | None = None) -> EvalSet:
         if found is not None:
             if limit is not None and limit < len(found.samples):
                 step = len(found.samples) / limit
+                found.notes["subset_of"] = len(found.samples)
                 found.samples = [found.samples[int((i + 0.5) * step)] for i in range(limit)]
             return found
     raise InputError(root, f"no images in a known layout; {EXPECTED_LAYOUTS}")

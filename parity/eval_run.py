@@ -304,6 +304,9 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     scored), batches and rescored_batches (over all ranks), batch_size, world_size, predictions
     (top-1 output per image, -1 for a failure, in the set's order).
     """
+    if Path(model_dir).is_file():
+        raise InputError(model_dir, "is a file, not a converted folder; convert it first: "
+                                    "parityport convert FILE --out DIR, then --model DIR")
     torch_device = torch.device(device)
     rank, world = _world(torch_device.type)
     if torch_device.type == "cuda" and torch_device.index is None and world > 1:
@@ -574,6 +577,9 @@ def _check_device(args: argparse.Namespace) -> None:
         raise InputError(None, "--device cuda but CUDA is not available here; use --device cpu")
     if args.fast and not args.device.startswith("cuda"):
         raise InputError(None, "--fast decodes on the GPU and needs --device cuda")
+    if args.decode in ("gpu", "nvimgcodec") and not args.device.startswith("cuda"):
+        raise InputError(None, f"--decode {args.decode} is the fast path's, on a CUDA device; on {args.device} "
+                               "the faithful path decodes with PIL")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -682,8 +688,9 @@ def _summary(result: dict[str, Any]) -> str:
         f"{result['model']} on {result['data']} ({result['layout']}, {result['label_mapping']}), "
         f"protocol {result['protocol']} ({result['preprocessing']}), {result['pipeline']} pipeline on {result['device']}"
         + (f" (JPEGs decoded by {result['decode']}, {result['precision']})" if result["pipeline"] == "fast" else ""),
-        f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  images {result['images']}  "
-        f"{result['images_per_s']:.1f} img/s",
+        f"top-1 {result['top1']:.3f}%  top-5 {result['top5']:.3f}%  images {result['images']}"
+        + (f" (--limit: a strided subset of {subset})" if (subset := result.get("layout_notes", {}).get("subset_of")) else "")
+        + f"  {result['images_per_s']:.1f} img/s",
     ]
     if result["failures"]:
         lines.append(f"failures: {result['failures']} images could not be decoded and count as wrong:")
@@ -695,6 +702,7 @@ def _summary(result: dict[str, Any]) -> str:
         lines.append(f"published top-1 with this preprocessing (the catalog's {published['protocol']} protocol) on "
                      f"{published['dataset']}: {published['top1']:g}% ({published['source']}); this run "
                      f"{published['gap']:+.3f}"
+                     + (f" on {result['images']} of the set's {subset} images, not a reproduction" if subset else "")
                      + ("; this folder was converted from a synthetic stand-in, not the published weights"
                         if published["synthetic_weights"] else ""))
     if result.get("rescored_batches"):

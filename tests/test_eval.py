@@ -230,6 +230,19 @@ def test_limit_keeps_every_class(folders):
     assert sorted(set(labels)) == WNIDS
 
 
+def test_a_limited_run_says_it_is_a_subset_beside_any_published_figure(bit_class1, folders):
+    from parity.eval_run import _summary
+
+    result = _eval(bit_class1, folders, limit=4)
+    assert result["images"] == 4 and result["layout_notes"]["subset_of"] == 10
+    result["published"] = {"top1": 80.0, "protocol": "original", "dataset": "imagenet-1k-val", "source": "paper",
+                           "gap": result["top1"] - 80.0, "synthetic_weights": False}
+    lines = _summary(result).splitlines()
+    assert "images 4 (--limit: a strided subset of 10)" in lines[1]
+    assert lines[2].endswith(f"this run {result['top1'] - 80.0:+.3f} on 4 of the set's 10 images, not a reproduction")
+    assert "subset" not in _summary(_eval(bit_class1, folders))
+
+
 # ---- protocols ---------------------------------------------------------------------------------
 
 
@@ -533,6 +546,17 @@ def test_bad_layout_exits_2(tmp_path, bit_class1, capsys):
     err = capsys.readouterr().err
     assert "expected one of" in err and "ILSVRC2012_validation_ground_truth.txt" in err and "class subfolders" in err
     assert main(["--model", str(tmp_path), "--data", str(flat), "--device", "cpu"]) == 2
+
+
+def test_a_checkpoint_file_as_model_or_a_gpu_decoder_on_cpu_exit_2(tmp_path, bit_class1, folders, capsys):
+    npz = tmp_path / "R50x1.npz"
+    npz.write_bytes(b"PK")
+    assert main(["--model", str(npz), "--data", str(folders), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (f"parityport eval: error: {npz}: is a file, not a converted folder; "
+                                               "convert it first: parityport convert FILE --out DIR, then --model DIR")
+    assert main(["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--decode", "nvimgcodec"]) == 2
+    assert capsys.readouterr().err.strip() == ("parityport eval: error: --decode nvimgcodec is the fast path's, on a CUDA "
+                                               "device; on cpu the faithful path decodes with PIL")
 
 
 @pytest.mark.parametrize("option, value, problem", [("--batch-size", "0", "must be at least 1, not 0"),
