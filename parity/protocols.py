@@ -3,7 +3,9 @@
 A `Protocol` says how one image becomes the model's input tensor: resize
 policy (squash to a square, or shorter side then keep the ratio), the resize
 side, the centre crop, the interpolation and the normalisation. The ORIGINAL
-table holds each family's published eval pipeline; `hub` reads the folder's
+table holds each family's published eval pipeline, and a folder converted from a
+catalogued checkpoint takes that entry's own `original` / `timm` pipeline first
+(`catalogued`: variants of a family differ); `hub` reads the folder's
 preprocessor_config.json and `timm` reads timm's pretrained config for the
 matching model, both also expressed as a `Protocol` so the GPU path can apply
 them.
@@ -200,11 +202,37 @@ def model_family(model_dir: Path) -> str:
 # ---- resolving a protocol name to (Protocol, faithful transform) -------------------------------
 
 
+def catalogued(model_dir: Path, name: str) -> Protocol | None:
+    """The catalog's protocol `name` for the checkpoint the folder was converted from, or None.
+
+    Variants of one family share their weights' shapes but not their eval pipelines (the
+    distilled BiT-R50x1 is evaluated with a 224 crop, BiT-M's ILSVRC-2012 fine-tunes with a
+    480 squash), so a catalogued checkpoint's own entry stands before the family's table.
+    """
+    from parity.card import folder_catalog_entry
+
+    entry, _ = folder_catalog_entry(model_dir)
+    spec = entry.eval.get(name) if entry is not None else None
+    if spec is None:
+        return None
+    if spec.interpolation not in _INTERP or spec.resize not in _CATALOG_RESIZE:
+        raise InputError(model_dir, f"the catalog's {name} protocol for {entry.name} ({spec.resize} {spec.resize_size}, "
+                                    f"{spec.interpolation}) is not one parityport eval applies ({spec.source})")
+    crop = spec.crop_size if spec.crop_size is not None else spec.resize_size
+    # crop_pct keeps the ratio when a folder override changes only the image size
+    return Protocol(f"{entry.name}:{name}", _CATALOG_RESIZE[spec.resize], crop, crop / spec.resize_size,
+                    spec.interpolation, tuple(spec.mean), tuple(spec.std), resize_size=spec.resize_size)
+
+
+_CATALOG_RESIZE = {"shortest_edge": "shorter", "squash": "squash"}  # the catalog's resize names -> ours
+
+
 def _original(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tensor]]:
     family = model_family(model_dir)
-    if family not in ORIGINAL:
+    protocol = catalogued(model_dir, "original") or ORIGINAL.get(family)
+    if protocol is None:
         raise InputError(model_dir, f"no original protocol for model_type {family!r}; known: {sorted(ORIGINAL)}")
-    protocol = apply_overrides(ORIGINAL[family], folder_overrides(model_dir), model_dir)
+    protocol = apply_overrides(protocol, folder_overrides(model_dir), model_dir)
     return protocol, torchvision_transform(protocol)
 
 
@@ -230,20 +258,23 @@ def _timm(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tens
 
     overrides = folder_overrides(model_dir)
     family = model_family(model_dir)
-    name = overrides.get("timm_model") or (TIMM_PEERS[family](read_json(model_dir / "config.json")) if family in TIMM_PEERS else None)
-    cfg = get_pretrained_cfg(name) if name else None
-    if cfg is None:
-        raise InputError(model_dir, f"no timm config for model_type {family!r} (set parityport.timm_model)")
-    data = resolve_data_config(pretrained_cfg=cfg.to_dict())
-    protocol = Protocol(
-        f"timm:{name}",
-        "squash" if data["crop_mode"] == "squash" else "shorter",
-        int(data["input_size"][-1]),
-        float(data["crop_pct"]),
-        data["interpolation"],
-        tuple(data["mean"]),
-        tuple(data["std"]),
-    )
+    # a timm_model override names the config; else the catalogued checkpoint's timm protocol; else the family's peer
+    protocol = None if "timm_model" in overrides else catalogued(model_dir, "timm")
+    if protocol is None:
+        name = overrides.get("timm_model") or (TIMM_PEERS[family](read_json(model_dir / "config.json")) if family in TIMM_PEERS else None)
+        cfg = get_pretrained_cfg(name) if name else None
+        if cfg is None:
+            raise InputError(model_dir, f"no timm config for model_type {family!r} (set parityport.timm_model)")
+        data = resolve_data_config(pretrained_cfg=cfg.to_dict())
+        protocol = Protocol(
+            f"timm:{name}",
+            "squash" if data["crop_mode"] == "squash" else "shorter",
+            int(data["input_size"][-1]),
+            float(data["crop_pct"]),
+            data["interpolation"],
+            tuple(data["mean"]),
+            tuple(data["std"]),
+        )
     protocol = apply_overrides(protocol, overrides, model_dir)
     # timm computes the resize side as floor(size / crop_pct); pass a crop_pct that lands on ours exactly.
     crop_pct = protocol.image_size / (protocol.resize_side + 0.5)
@@ -253,7 +284,7 @@ def _timm(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tens
         mean=protocol.mean,
         std=protocol.std,
         crop_pct=crop_pct,
-        crop_mode=data["crop_mode"],
+        crop_mode="squash" if protocol.resize == "squash" else "center",
     )
     return protocol, transform
 

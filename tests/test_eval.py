@@ -822,3 +822,25 @@ def test_hub_processors_eval_cannot_apply_are_input_errors(tmp_path, changes, pr
     with pytest.raises(InputError) as error:
         protocols.resolve_protocol(model, "hub")
     assert error.value.problem.startswith(problem) and error.value.path == str(model / "preprocessor_config.json")
+
+
+def test_a_catalogued_checkpoints_own_protocols_come_before_its_familys(tmp_path, monkeypatch):
+    import parity.card as card
+    from checkpoints.catalog import lookup
+
+    model = make_bit(tmp_path / "m", 1000)
+    processor = json.loads((model / "preprocessor_config.json").read_text())
+    del processor["parityport"]  # no folder override: the catalog decides
+    (model / "preprocessor_config.json").write_text(json.dumps(processor))
+    monkeypatch.setattr(card, "folder_catalog_entry", lambda folder: (lookup("BiT-R50x1-distilled-224"), False))
+    timm, transform = protocols.resolve_protocol(model, "timm")  # not the 448 of BiT-M's ILSVRC-2012 fine-tunes
+    assert (timm.resize, timm.resize_side, timm.image_size, timm.interpolation) == ("shorter", 256, 224, "bicubic")
+    assert transform(_image(1, (300, 260))).shape == (3, 224, 224)
+    with pytest.raises(InputError, match=r"the catalog's original protocol for BiT-R50x1-distilled-224 \(shortest_edge "
+                                         r"256, area\) is not one parityport eval applies"):
+        protocols.resolve_protocol(model, "original")
+    monkeypatch.setattr(card, "folder_catalog_entry", lambda folder: (lookup("BiT-S-R50x1"), False))
+    assert protocols.resolve_protocol(model, "timm")[0].resize_side == 256  # BiT-S: timm's 224 protocol
+    assert protocols.resolve_protocol(model, "original")[0] == protocols.ORIGINAL["bit"]  # none catalogued
+    monkeypatch.setattr(card, "folder_catalog_entry", lambda folder: (None, False))
+    assert protocols.resolve_protocol(model, "timm")[0].resize_side == 448  # the family's peer
