@@ -83,7 +83,7 @@ def folder_catalog_entry(folder: Path) -> tuple[Entry | None, bool]:
     return catalog_entry(meta.get("source_file"), meta.get("source_sha256")), is_synthetic(facts["parity"])
 
 
-_RESIZE_KINDS = {"shortest_edge": "shorter", "squash": "squash"}  # the catalog's names -> parity.protocols'
+CATALOG_RESIZE = {"shortest_edge": "shorter", "squash": "squash"}  # the catalog's resize names -> parity.protocols'
 
 
 def published_figure(entry: Entry | None, spec: dict[str, Any]):
@@ -104,7 +104,7 @@ def same_preprocessing(name: str, catalogued: Any, spec: dict[str, Any]) -> bool
     cropped = crop != catalogued.resize_size or catalogued.resize == "shortest_edge"
     offset = "floor" if name == "hub" else "round"
     constants = zip((*catalogued.mean, *catalogued.std), (*spec["mean"], *spec["std"]))
-    return (_RESIZE_KINDS.get(catalogued.resize) == spec["resize"] and catalogued.resize_size == spec["resize_side"]
+    return (CATALOG_RESIZE.get(catalogued.resize) == spec["resize"] and catalogued.resize_size == spec["resize_side"]
             and crop == spec["image_size"] and catalogued.interpolation == spec["interpolation"]
             and (not cropped or spec.get("crop_offset", "round") == offset)
             and all(abs(a - b) < 1e-6 for a, b in constants))

@@ -209,22 +209,19 @@ def catalogued(model_dir: Path, name: str) -> Protocol | None:
     distilled BiT-R50x1 is evaluated with a 224 crop, BiT-M's ILSVRC-2012 fine-tunes with a
     480 squash), so a catalogued checkpoint's own entry stands before the family's table.
     """
-    from parity.card import folder_catalog_entry
+    from parity.card import CATALOG_RESIZE, folder_catalog_entry
 
     entry, _ = folder_catalog_entry(model_dir)
     spec = entry.eval.get(name) if entry is not None else None
     if spec is None:
         return None
-    if spec.interpolation not in _INTERP or spec.resize not in _CATALOG_RESIZE:
+    if spec.interpolation not in _INTERP or spec.resize not in CATALOG_RESIZE:
         raise InputError(model_dir, f"the catalog's {name} protocol for {entry.name} ({spec.resize} {spec.resize_size}, "
                                     f"{spec.interpolation}) is not one parityport eval applies ({spec.source})")
     crop = spec.crop_size if spec.crop_size is not None else spec.resize_size
     # crop_pct keeps the ratio when a folder override changes only the image size
-    return Protocol(f"{entry.name}:{name}", _CATALOG_RESIZE[spec.resize], crop, crop / spec.resize_size,
+    return Protocol(f"{entry.name}:{name}", CATALOG_RESIZE[spec.resize], crop, crop / spec.resize_size,
                     spec.interpolation, tuple(spec.mean), tuple(spec.std), resize_size=spec.resize_size)
-
-
-_CATALOG_RESIZE = {"shortest_edge": "shorter", "squash": "squash"}  # the catalog's resize names -> ours
 
 
 def _original(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tensor]]:

@@ -183,6 +183,7 @@ def _check_same_tensors(conversion, folder: Path, src: Path) -> None:
     from safetensors import safe_open
 
     from converters.shards import weight_files
+    from parity.protocols import read_json
 
     stored: dict[str, tuple[int, ...]] = {}
     for name in weight_files(folder):
@@ -195,21 +196,12 @@ def _check_same_tensors(conversion, folder: Path, src: Path) -> None:
     missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
     reshaped = sorted(k for k in expected.keys() & stored.keys() if expected[k] != stored[k])
     if missing or extra or reshaped:
-        found = _model_type(folder)
+        found = read_json(folder / "config.json").get("model_type", "none")
         example = (f"{missing[0]} missing" if missing else f"{extra[0]} not in {src.name}" if extra
                    else f"{reshaped[0]} is {list(stored[reshaped[0]])}, not {list(expected[reshaped[0]])}")
         raise InputError(folder, f"does not hold the model {src} converts to ({conversion.family} "
                                  f"{conversion.variant}; the folder's model_type: {found}): {len(missing)} tensors missing, "
                                  f"{len(extra)} unexpected, {len(reshaped)} of other shapes (e.g. {example})")
-
-
-def _model_type(folder: Path) -> str:
-    import json
-
-    try:
-        return str(json.loads((folder / "config.json").read_text()).get("model_type", "no model_type"))
-    except (OSError, ValueError, AttributeError):
-        return "unreadable config.json"
 
 
 def _stored_dtype(folder: Path) -> str:
