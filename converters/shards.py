@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -105,13 +105,25 @@ def weight_files(folder: Path) -> list[str]:
         raise InputError(index, "not a valid safetensors index (no weight_map)") from None
 
 
-def read_metadata(folder: Path) -> dict[str, str]:
-    """The `__metadata__` of the folder's (first) weight file: provenance of the conversion."""
+def _from_header(path: Path, read: Callable[[Any], Any]) -> Any:
+    """`read(handle)` on the safetensors file's opened header (no tensor data is read)."""
     from safetensors import safe_open
 
-    path = folder / weight_files(folder)[0]
     try:
         with safe_open(path, framework="numpy") as f:
-            return dict(f.metadata() or {})
+            return read(f)
     except Exception as error:  # noqa: BLE001  safetensors raises its own error type
         raise InputError(path, f"cannot read the safetensors header: {error}") from None
+
+
+def read_metadata(folder: Path) -> dict[str, str]:
+    """The `__metadata__` of the folder's (first) weight file: provenance of the conversion."""
+    return _from_header(folder / weight_files(folder)[0], lambda f: dict(f.metadata() or {}))
+
+
+def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in the folder's weight files, from their headers."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in weight_files(folder):
+        shapes |= _from_header(folder / name, lambda f: {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes

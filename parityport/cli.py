@@ -180,18 +180,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def _check_same_tensors(conversion, folder: Path, src: Path) -> None:
     """Raise InputError when `folder` does not hold the tensors (names and shapes) `src` converts to:
     then it holds another model, and a layer-by-layer comparison has nothing to compare."""
-    from safetensors import safe_open
-
-    from converters.shards import weight_files
+    from converters.shards import stored_shapes
     from parity.protocols import read_json
 
-    stored: dict[str, tuple[int, ...]] = {}
-    for name in weight_files(folder):
-        try:
-            with safe_open(folder / name, framework="numpy") as f:
-                stored |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except Exception as error:  # noqa: BLE001  safetensors raises its own error type
-            raise InputError(folder / name, f"cannot read the safetensors header: {error}") from None
+    stored = stored_shapes(folder)
     expected = {key: tuple(t.shape) for key, t in conversion.tensors.items()}
     missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
     reshaped = sorted(k for k in expected.keys() & stored.keys() if expected[k] != stored[k])
