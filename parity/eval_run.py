@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from converters.errors import InputError
+from converters.errors import InputError, UsageParser
 from parity.eval_data import (
     BytesDataset,
     EvalSet,
@@ -177,6 +177,24 @@ def _world(device_type: str) -> tuple[int, int]:
     return 0, 1
 
 
+def _rank_device(device: torch.device, rank: int, world: int) -> torch.device:
+    """This rank's device: under torchrun, "cuda" becomes the GPU of the rank's LOCAL_RANK (and the
+    current device, which NCCL collectives use). Every rank sees the same arguments, so the errors
+    below stop all of them alike before any collective."""
+    if device.type != "cuda" or world == 1:
+        return device
+    if device.index is not None:
+        raise InputError(None, f"--device {device} would put all {world} ranks on one GPU; give --device cuda "
+                               "and each rank takes the GPU of its LOCAL_RANK")
+    gpus, per_machine = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_machine > gpus:
+        raise InputError(None, f"{per_machine} ranks on a machine with {gpus} GPU{'s' * (gpus != 1)}; "
+                               "start at most one process per GPU (torchrun --nproc-per-node)")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % gpus)))
+    torch.cuda.set_device(device)
+    return device
+
+
 def _agree_on_failure(failure: InputError | None, world: int) -> None:
     """Raise `failure` here, or on every rank the first rank's failure, so that no rank waits in a
     collective for one that has stopped (and every rank exits 2 with the same line)."""
@@ -309,9 +327,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
                                     "parityport convert FILE --out DIR, then --model DIR")
     torch_device = torch.device(device)
     rank, world = _world(torch_device.type)
-    if torch_device.type == "cuda" and torch_device.index is None and world > 1:
-        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
-        torch.cuda.set_device(torch_device)  # NCCL collectives and all_gather_object use the current device
+    torch_device = _rank_device(torch_device, rank, world)
     fast = torch_device.type == "cuda" if fast is None else fast
     decode_note = None
     if fast:
@@ -732,7 +748,7 @@ def _exit_code(result: dict[str, Any], args: argparse.Namespace, quiet: bool = F
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m parity.eval_run ...` (the same options as `parityport eval`)."""
-    parser = argparse.ArgumentParser(prog="parityport eval", description=__doc__.split("\n\n")[0])
+    parser = UsageParser(prog="parityport eval", description=__doc__.split("\n\n")[0])
     add_eval_arguments(parser)
     try:
         return run_eval(parser.parse_args(argv))

@@ -77,3 +77,26 @@ def test_a_rank_that_stops_stops_every_rank_with_its_error(tmp_path):
                "non-finite outputs (check the folder with `parityport parity`)")
     assert (tmp_path / "rank0.txt").read_text() == problem
     assert (tmp_path / "rank1.txt").read_text() == problem + " (found by rank 0 of 2)"
+
+
+def test_each_rank_takes_its_own_gpu(monkeypatch):
+    import pytest
+
+    from converters.errors import InputError
+    from parity import eval_run
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert eval_run._rank_device(torch.device("cuda"), 1, 2) == torch.device("cuda", 1) == current[0]
+    assert eval_run._rank_device(torch.device("cpu"), 1, 2) == torch.device("cpu")
+    assert eval_run._rank_device(torch.device("cuda", 1), 0, 1) == torch.device("cuda", 1)  # one process: as asked
+    with pytest.raises(InputError, match=r"^--device cuda:0 would put all 2 ranks on one GPU; give --device cuda "
+                                         r"and each rank takes the GPU of its LOCAL_RANK$"):
+        eval_run._rank_device(torch.device("cuda", 0), 1, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(InputError, match=r"^3 ranks on a machine with 2 GPUs; start at most one process per GPU "):
+        eval_run._rank_device(torch.device("cuda"), 1, 3)
+    assert current == [torch.device("cuda", 1)]
