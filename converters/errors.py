@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 
@@ -25,3 +27,11 @@ class UnsafeInputError(InputError):
 
 class CheckFailed(Exception):
     """A parity or expected-accuracy check failed: the command exits 1."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other exit-2 error: argparse's
+    own prints the whole usage block first. Subcommand parsers made from it are of this class too."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's hook; never returns)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from converters.errors import CheckFailed, InputError
+from converters.errors import CheckFailed, InputError, UsageParser
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -212,7 +212,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parityport", description=__doc__.splitlines()[0])
+    parser = UsageParser(prog="parityport", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -269,8 +269,22 @@ def _command_name(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+# The commands that load models through transformers, whose own bars ("Loading weights") print even
+# into a log file: under these they follow parityport's rule, shown on a TTY only.
+LOADS_MODELS = {"convert", "parity", "eval", "verify"}
+
+
+def _transformers_bars_on_a_tty_only() -> None:
+    from transformers.utils import logging
+
+    if hasattr(logging, "set_tqdm_hook"):  # transformers 5
+        logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{"disable": None, **kwargs}))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
+    if args.command in LOADS_MODELS and not getattr(args, "no_parity", False):
+        _transformers_bars_on_a_tty_only()
     try:
         return args.run(args)
     except InputError as e:

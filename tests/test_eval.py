@@ -568,7 +568,8 @@ def test_bad_numbers_exit_2_naming_the_option(bit_class1, folders, capsys, optio
     with pytest.raises(SystemExit) as caught:
         main(["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", option, value])
     assert caught.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"parityport eval: error: argument {option}: {problem}"
+    assert capsys.readouterr().err.splitlines() == [f"parityport eval: error: argument {option}: {problem} "
+                                                    "(see parityport eval --help)"]
 
 
 def test_expect_and_json(tmp_path, bit_class1, folders, capsys):

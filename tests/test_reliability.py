@@ -131,6 +131,15 @@ def test_rerun_is_a_no_op_unless_forced(tiny_npz, tmp_path, capsys):
     assert verifies(dest, with_parity=True) and leftovers(dest) == []
 
 
+def test_transformers_loading_bars_stay_off_a_log(tiny_npz, tmp_path, capsys, monkeypatch):
+    from transformers.utils import logging
+
+    monkeypatch.setattr(logging, "_tqdm_hook", None)  # as in a fresh process; restored after
+    assert main(["convert", str(tiny_npz), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "parity" in err and "Loading weights" not in err  # stderr is no TTY here
+
+
 def test_a_different_source_is_not_a_no_op(tiny_npz, tmp_path, capsys):
     dest = tmp_path / "out"
     assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 0
@@ -174,6 +183,23 @@ def test_output_may_not_be_a_symlink(tiny_npz, tmp_path, target, capsys):
     assert list((tmp_path / "real").iterdir()) == []
     with pytest.raises(InputError):
         check_destination(tiny_npz, link)
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["convert"], "parityport convert: error: the following arguments are required: src, --out "
+                  "(see parityport convert --help)"),
+    (["convert", "x.npz", "--out", "o", "--dtype", "int8"],
+     "parityport convert: error: argument --dtype: invalid choice: 'int8' (choose from 'float32', 'bfloat16', "
+     "'float16') (see parityport convert --help)"),
+    (["frob"], "parityport: error: argument command: invalid choice: 'frob' (choose from 'convert', 'parity', "
+               "'catalog', 'eval', 'verify', 'publish') (see parityport --help)"),
+])
+def test_usage_errors_are_one_line(argv, line, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+
 
 
 # ---------------------------------------------------------------------------
