@@ -17,6 +17,18 @@ def test_clean_file_opens(tmp_path):
     assert checkpoint.format == "npz" and len(checkpoint.tensors) == 45
 
 
+def test_the_child_runs_our_code_not_the_current_folders(tmp_path, monkeypatch):
+    write_bit_npz(tmp_path / "a.npz", bit_arrays(depths=(1, 1, 1, 1), root_width=32, num_classes=3))
+    planted = tmp_path / "converters" / "readers"
+    planted.mkdir(parents=True)
+    for package in (planted.parent, planted):
+        (package / "__init__.py").write_text("")
+    (planted / "isolate.py").write_text("open('PLANTED', 'w').close(); print('{\"ok\": true}')\n")
+    monkeypatch.chdir(tmp_path)
+    isolate.preflight(tmp_path / "a.npz")
+    assert not (tmp_path / "PLANTED").exists()
+
+
 def test_child_errors_come_back_with_their_class(tmp_path):
     class Boom:
         def __reduce__(self):

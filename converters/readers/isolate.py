@@ -31,12 +31,26 @@ def _limit_memory(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps from a crashing parse
 
 
+# The child runs in isolated mode (-I: no current folder, no PYTHON* variables on its path), with
+# this process's own import path given explicitly, so it runs the code this process runs: `-m`
+# would put the current folder first, and a `converters/` package there would run instead.
+_CHILD = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+          "from converters.readers.isolate import _child; sys.exit(_child(sys.argv[2], int(sys.argv[3])))")
+
+
+def _import_path() -> str:
+    """The folders this process imports from, as JSON: the one holding `converters` first, and the
+    current folder only where that is it."""
+    root = str(Path(__file__).resolve().parents[2])
+    here = os.getcwd()
+    return json.dumps([root, *(p for p in sys.path if p and os.path.abspath(p) != here)])
+
+
 def preflight(path: Path, memory: int = MEMORY_LIMIT, timeout: float = TIME_LIMIT) -> None:
     """Parse `path` in a child process; raise the child's InputError, or one for a crash or limit."""
-    command = [sys.executable, "-m", "converters.readers.isolate", str(path), str(memory)]
+    command = [sys.executable, "-I", "-c", _CHILD, _import_path(), str(path), str(memory)]
     try:
-        child = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "PYTHONFAULTHANDLER": ""})
+        child = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise InputError(path, f"parsing the file took longer than {timeout:.0f} s; refused") from None
     if child.returncode < 0:
@@ -75,7 +89,3 @@ def _child(path: str, memory: int) -> int:
                    "problem": f"parsing needs more than {memory / (1 << 30):g} GiB of memory; refused"}
     print(json.dumps(verdict), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1], int(sys.argv[2])))
