@@ -215,6 +215,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, LazyTensor], *, dtype: s
                 array = tensor.load()
                 if not allow_nonfinite:
                     _check_finite(name, array)
+                    _check_fits(name, array, dtype)
                 written = sink.put_all(_encoded_chunks(array, dtype))
                 if on_tensor:
                     on_tensor(name, written)
@@ -461,6 +462,23 @@ def _check_finite(name: str, array: np.ndarray) -> None:
     bad = sum(int(np.count_nonzero(~np.isfinite(flat[i:i + step]))) for i in range(0, flat.shape[0], step))
     raise InputError(None, f"{name}: {bad} non-finite values (NaN or Inf); "
                            "pass --allow-nonfinite to convert anyway")
+
+
+# The smallest magnitude each half type rounds to Inf: halfway between its largest finite value
+# and the next power of two, which round-to-nearest-even sends up (float16 65504 -> 65520).
+_ROUNDS_TO_INF = {"float16": 65520.0, "bfloat16": float(2.0 ** 127 * (2 - 2.0 ** -8))}
+
+
+def _check_fits(name: str, array: np.ndarray, dtype: str | None) -> None:
+    """Refuse finite values that the cast to a half `dtype` would turn into Inf."""
+    limit = _ROUNDS_TO_INF.get(dtype or "")
+    if limit is None or not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+        return
+    largest = max(float(np.max(array)), -float(np.min(array)))
+    if largest >= limit:
+        count = int(np.count_nonzero(np.abs(array) >= limit))
+        raise InputError(None, f"{name}: {count} values beyond {dtype}'s range (largest magnitude {largest:g}) "
+                               f"would be written as Inf; convert to float32, or pass --allow-nonfinite")
 
 
 def write_sha256sums(folder: Path, names: Iterable[str] | None = None) -> Path:

@@ -76,6 +76,22 @@ def test_nonfinite_refused_by_name(tmp_path):
                       allow_nonfinite=True)
 
 
+@pytest.mark.parametrize("dtype, overflows", [("float16", 65520.0), ("bfloat16", 2.0 ** 127 * (2 - 2.0 ** -8))])
+def test_values_a_half_type_turns_into_inf_are_refused(tmp_path, dtype, overflows):
+    """The boundary is where the cast rounds to Inf (torch's cast is the reference), not the largest finite value."""
+    fits = np.nextafter(np.float32(overflows), np.float32(0))  # the float32 just below
+    edge = torch.tensor([fits, -overflows], dtype=torch.float32).to(getattr(torch, dtype))
+    assert torch.isfinite(edge[0]) and torch.isinf(edge[1])
+    values = np.array([1.0, fits, -fits], np.float32)
+    write_safetensors(tmp_path / "ok.safetensors", {"w": LazyTensor.of(values)}, dtype=dtype)
+    values[0] = -overflows
+    with pytest.raises(InputError, match=rf"^w: 1 values beyond {dtype}'s range \(largest magnitude .*\) would be "
+                                         r"written as Inf; convert to float32, or pass --allow-nonfinite$"):
+        write_safetensors(tmp_path / "m.safetensors", {"w": LazyTensor.of(values)}, dtype=dtype)
+    write_safetensors(tmp_path / "m.safetensors", {"w": LazyTensor.of(values)}, dtype=dtype, allow_nonfinite=True)
+    write_safetensors(tmp_path / "m.safetensors", {"w": LazyTensor.of(values)}, dtype="float32")
+
+
 def test_sha256sums_detects_tamper_missing_and_extra(tmp_path):
     (tmp_path / "a.txt").write_text("a")
     (tmp_path / "b.txt").write_text("b")
