@@ -244,8 +244,9 @@ def _parity(parity: dict[str, Any] | None) -> list[str]:
     if parity is None:
         return ["## Parity", "", "**No parity record**: this folder was converted without the "
                 "layer-by-layer comparison and is not verified.", ""]
-    verdict = "PASSED" if parity.get("passed") is True else \
-        f"FAILED (first diverging tap: {parity.get('first_diverging_tap')})"
+    from parity.report import recorded_failure
+
+    verdict = "PASSED" if parity.get("passed") is True else f"FAILED ({recorded_failure(parity)})"
     rows = [(r.get("side"), r.get("role"), r.get("input"), r.get("dtype"), _sci(_logits_max_abs(r)),
              r.get("first_diverging_tap") or "-",
              "measured" if r.get("role") == "measured" else "pass" if r.get("passed") else "FAIL")

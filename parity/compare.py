@@ -60,6 +60,10 @@ class TapResult:
     passed: bool
     nonfinite: int = 0  # NaN/Inf values of the reference, matched exactly by the other side
 
+    @property
+    def compared(self) -> int:
+        """How many values were measured: the finite ones (a tap with none cannot pass)."""
+        return int(np.prod(self.shape)) - self.nonfinite
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -84,6 +88,9 @@ def compare_tap(tap: str, reference: np.ndarray, other: np.ndarray, tolerance: T
     if not same_nonfinite:
         return TapResult(tap, tuple(ref.shape), float("inf"), float("inf"), 0.0, scale, limit, False,
                          int(finite.size - np.count_nonzero(finite)))
+    if ref.size and not finite.any():  # NaN/Inf everywhere on both sides: nothing was compared
+        nan = float("nan")
+        return TapResult(tap, tuple(ref.shape), nan, nan, nan, scale, limit, False, int(ref.size))
     ref, got = ref[finite], got[finite]
     max_abs = float(np.abs(ref - got).max(initial=0.0))
     norms = np.linalg.norm(ref) * np.linalg.norm(got)

@@ -79,8 +79,10 @@ class ParityReport:
     @property
     def failure(self) -> str:
         """What failed, for one-line messages: the first diverging tap or the failed exact check."""
-        if self.first_divergence is not None:
-            return f"first diverging tap: {self.first_divergence}"
+        tap = next((t for r in self.results if r.role == "target" for t in r.taps if not t.passed), None)
+        if tap is not None:
+            empty = " (NaN/Inf in every value on both sides: nothing to compare)" if tap.compared == 0 else ""
+            return f"first diverging tap: {tap.tap}{empty}"
         failed = [name for name, ok in self.checks.items() if not ok]
         return f"failed check: {failed[0]}" if failed else "no judged run"
 

@@ -13,10 +13,27 @@ def _sci(x: float) -> str:
     return f"{x:.2e}" if x == x else "n/a"
 
 
+def _no_nan(value: Any) -> Any:
+    """`value` with every NaN float as None: JSON has no NaN, and a strict parser rejects the token."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
+
+
+def recorded_failure(parity: dict[str, Any]) -> str:
+    """What failed, from a parity.json (one written before "failure" was recorded names its tap)."""
+    return parity.get("failure") or f"first diverging tap: {parity.get('first_diverging_tap')}"
+
+
 def report_dict(report: ParityReport, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON form: verdict, first diverging tap, worst logits error, every tap of every run."""
-    return {
+    """The JSON form: verdict, what failed, worst logits error, every tap of every run (NaN as null)."""
+    return _no_nan({
         "passed": report.passed,
+        "failure": None if report.passed else report.failure,
         "family": report.family,
         "variant": report.variant,
         "source": report.source,
@@ -29,7 +46,7 @@ def report_dict(report: ParityReport, extra: dict[str, Any] | None = None) -> di
                   "passed": r.passed, "first_diverging_tap": r.first_divergence,
                   "taps": [t.as_dict() for t in r.taps]} for r in report.results],
         **(extra or {}),
-    }
+    })
 
 
 def verdict(result: SideResult) -> str:
@@ -62,7 +79,7 @@ def _tap_rows(result: SideResult) -> list[str]:
 
 def report_markdown(report: ParityReport) -> str:
     """A readable table: one summary line per run, then every tap of the first input's runs."""
-    verdict = "PASSED" if report.passed else f"FAILED (first diverging tap: {report.first_divergence})"
+    verdict = "PASSED" if report.passed else f"FAILED ({report.failure})"
     lines = [f"# Parity: {report.family} {report.variant}", "",
              f"Source side: {report.source}. Verdict: **{verdict}**.", "",
              "max-rel is max-abs divided by the tap's largest |reference| value; "
@@ -107,6 +124,6 @@ def plot_report(report: ParityReport, path: Path) -> None:
 
 def write_reports(report: ParityReport, folder: Path, extra: dict[str, Any] | None = None) -> None:
     """Write parity.json, parity.md and parity.png into `folder`."""
-    (folder / "parity.json").write_text(json.dumps(report_dict(report, extra), indent=2) + "\n")
+    (folder / "parity.json").write_text(json.dumps(report_dict(report, extra), indent=2, allow_nan=False) + "\n")
     (folder / "parity.md").write_text(report_markdown(report) + "\n")
     plot_report(report, folder / "parity.png")

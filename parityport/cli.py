@@ -297,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _say(f"parityport: {e}")
         return 1
+    except OSError as e:  # where parityport writes: a full disk, no permission, a parent that is a file
+        if args.debug:
+            raise
+        _say(f"parityport: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}")
+        return 2
     except KeyboardInterrupt:
         _say("parityport: interrupted; no output folder was changed")
         return 130

@@ -45,3 +45,17 @@ def test_a_report_says_what_failed_a_tap_or_an_exact_check():
     report = ParityReport("bit", "tiny", "src", [SideResult("t", "target", "x", "float32", ok)],
                           checks={"stored bfloat16 tensors are the rounded float32 ones": False})
     assert not report.passed and report.failure == "failed check: stored bfloat16 tensors are the rounded float32 ones"
+    from parity.report import recorded_failure, report_dict, report_markdown
+
+    recorded = report_dict(report)
+    assert recorded_failure(recorded) == report.failure  # what parity.json keeps for verify, publish and the card
+    assert f"FAILED ({report.failure})" in report_markdown(report)
+    assert recorded_failure({"first_diverging_tap": "stem"}) == "first diverging tap: stem"  # an older parity.json
+
+
+def test_a_tap_with_no_finite_values_cannot_pass():
+    ref = np.full((2, 3), np.nan)
+    r = compare_tap("logits", ref, ref.copy(), tolerance_for("logits"))
+    assert not r.passed and r.compared == 0 and r.nonfinite == 6 and np.isnan(r.max_abs)
+    partly = compare_tap("logits", np.array([np.nan, 1.0]), np.array([np.nan, 1.0]), tolerance_for("logits"))
+    assert partly.passed and partly.compared == 1 and partly.max_abs == 0.0

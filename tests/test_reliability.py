@@ -185,6 +185,14 @@ def test_output_may_not_be_a_symlink(tiny_npz, tmp_path, target, capsys):
         check_destination(tiny_npz, link)
 
 
+def test_an_output_that_cannot_be_made_is_one_line(tiny_npz, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    dest = tmp_path / "a-file" / "out"
+    assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [f"parityport: error: {tmp_path / 'a-file'}: File exists"]
+
+
 @pytest.mark.parametrize("argv, line", [
     (["convert"], "parityport convert: error: the following arguments are required: src, --out "
                   "(see parityport convert --help)"),
@@ -225,17 +233,35 @@ def test_nonfinite_weights_refused_by_name(nan_npz, tmp_path, capsys):
     assert not dest.exists() and leftovers(dest) == []
 
 
-def test_allow_nonfinite_converts_and_parity_matches_nan_positions(nan_npz, tmp_path, capsys):
+def test_allow_nonfinite_converts_and_parity_matches_nan_positions(tmp_path, capsys):
+    arrays = bit_arrays(**TINY_BIT, seed=1)
+    arrays["resnet/head/conv2d/bias"][[1, 4]] = np.nan, np.inf  # two classes' logits, and nothing else
+    write_bit_npz(tmp_path / "head.npz", arrays)
     dest = tmp_path / "out"
-    assert main(["convert", str(nan_npz), "--out", str(dest), "--allow-nonfinite"]) == 0
+    assert main(["convert", str(tmp_path / "head.npz"), "--out", str(dest), "--allow-nonfinite"]) == 0
     assert "NaN/Inf from the source weights reach" in capsys.readouterr().err
     with safe_open(dest / "model.safetensors", framework="numpy") as f:
-        kernel = f.get_tensor("bit.encoder.stages.1.layers.0.conv2.weight")
-    assert np.isnan(kernel).sum() == 3 and np.isinf(kernel).sum() == 1
+        bias = f.get_tensor("classifier.1.bias")
+    assert np.isnan(bias[1]) and np.isinf(bias[4]) and np.isfinite(np.delete(bias, [1, 4])).all()
     report = json.loads((dest / "parity.json").read_text())
     taps = {t["tap"]: t for t in report["runs"][0]["taps"]}
-    assert report["passed"] and taps["stem"]["nonfinite"] == 0 and taps["logits"]["nonfinite"] > 0
+    assert report["passed"] and taps["pre_logits"]["nonfinite"] == 0
+    assert taps["logits"]["nonfinite"] == 2 * taps["logits"]["shape"][0] and taps["logits"]["max_abs"] < 1e-4
     assert verifies(dest, with_parity=True)
+
+
+def test_nan_everywhere_leaves_nothing_to_compare_and_fails(nan_npz, tmp_path, capsys):
+    """One NaN weight spreads through GroupNorm to every later value: equal NaN on both sides proves nothing."""
+    dest = tmp_path / "out"
+    assert main(["convert", str(nan_npz), "--out", str(dest), "--allow-nonfinite"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"parityport: {nan_npz}: parity FAILED (first diverging tap: block2.unit01 (NaN/Inf in every value on both "
+        "sides: nothing to compare))")
+    assert not dest.exists()
+    report = json.loads((tmp_path / "out.parity-failed" / "parity.json").read_text(),
+                        parse_constant=lambda token: pytest.fail(f"{token} is not JSON"))
+    logits = next(t for t in report["runs"][0]["taps"] if t["tap"] == "logits")
+    assert (report["passed"], logits["passed"], logits["max_abs"], logits["cosine"]) == (False, False, None, None)
 
 
 def test_nan_at_different_positions_fails_parity():
