@@ -160,11 +160,11 @@ def d2v2_source(checkpoint: Checkpoint, config: Mapping) -> Side:
 
 def check_shipped_code(folder: Path) -> None:
     """Refuse to run a folder's custom code unless it is byte for byte the code parityport ships."""
-    for name, data in data2vec.hf_code_files().items():
-        path = folder / name
-        if not path.is_file() or path.read_bytes() != data:
-            raise InputError(path, "missing or differs from the code parityport ships; "
-                                   "refusing to run it with trust_remote_code")
+    from parity.verify import code_problems
+
+    problems = code_problems(folder)
+    if problems:
+        raise InputError(folder, problems[0])
 
 
 def d2v2_target(folder: Path, config: Mapping) -> Side:

@@ -65,7 +65,9 @@ def parity_problems(folder: Path) -> list[str]:
         state = "unreadable" if (folder / PARITY_FILE).is_file() else "missing (converted with --no-parity?)"
         return [f"{PARITY_FILE}: {state}; the folder is not verified"]
     if report.get("passed") is not True:
-        return [f"{PARITY_FILE}: parity FAILED (first diverging tap: {report.get('first_diverging_tap')})"]
+        from parity.report import recorded_failure
+
+        return [f"{PARITY_FILE}: parity FAILED ({recorded_failure(report)})"]
     return []
 
 
@@ -74,6 +76,22 @@ def _config(folder: Path) -> dict[str, Any]:
         return json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as error:
         raise InputError(folder / "config.json", f"cannot read: {error}") from None
+
+
+def code_problems(folder: Path) -> list[str]:
+    """A line for each way a folder's custom code (its config's `auto_map`) is not the code parityport
+    ships byte for byte: such code is never run (`verify`, `parity`) nor published. A folder with
+    no `auto_map` runs none."""
+    from converters.data2vec import AUTO_MAP, hf_code_files
+
+    auto_map = _config(folder).get("auto_map")
+    if auto_map is None:
+        return []
+    if not isinstance(auto_map, dict) or any(v not in AUTO_MAP.values() for v in auto_map.values()):
+        return [f"config.json: auto_map {auto_map!r} names code parityport does not ship; refusing to run it"]
+    return [f"{name}: missing or differs from the code parityport ships; refusing to run it with trust_remote_code"
+            for name, data in hf_code_files().items()
+            if not (folder / name).is_file() or (folder / name).read_bytes() != data]
 
 
 def load_strict(folder: Path):
@@ -131,10 +149,13 @@ def verify(folder: Path) -> list[str]:
     """Every problem found in `folder`, one line each naming the file; empty when it verifies.
 
     The model is loaded (and, with an `auto_map`, its code run) only when the
-    checksums match and parity.json records a pass.
+    checksums match, parity.json records a pass and the code is parityport's own.
     """
     folder = Path(folder)
     problems = checksum_problems(folder) + parity_problems(folder)
+    if problems:
+        return problems
+    problems = code_problems(folder)
     if problems:
         return problems
     try:

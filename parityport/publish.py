@@ -37,12 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---- what is published -------------------------------------------------------------------------
 
 def check_publishable(folder: Path) -> None:
-    """Refuse (CheckFailed, naming the file) a folder whose checksums or parity record do not hold."""
-    from parity.verify import checksum_problems, parity_problems
+    """Refuse (CheckFailed, naming the file) a folder whose checksums or parity record do not hold, or
+    whose custom code is not parityport's own."""
+    from parity.verify import checksum_problems, code_problems, parity_problems
 
     if not folder.is_dir():
         raise InputError(folder, "no such folder")
-    problems = checksum_problems(folder) + parity_problems(folder)
+    problems = checksum_problems(folder) + parity_problems(folder) or code_problems(folder)
     if problems:
         raise CheckFailed(f"{folder}: refusing to publish: {problems[0]}"
                           + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))

@@ -251,6 +251,50 @@ def test_a_failed_parity_record_is_refused(folder, tmp_path, capsys, command):
     assert "parity.json" in message and "block2.unit01" in message
 
 
+@pytest.fixture(scope="module")
+def d2v2_folder(tmp_path_factory) -> Path:
+    """A converted data2vec 2.0 folder: its model is custom code, shipped beside config.json."""
+    from checkpoints import synthetic_data2vec as synth
+    from reference.data2vec2_torch import Data2Vec2Config
+
+    config = Data2Vec2Config(dim=32, depth=2, prenet_depth=1, heads=2, mlp_hidden=64, patch=16, image=32,
+                             num_classes=10)
+    work = tmp_path_factory.mktemp("d2v2")
+    src = synth.write_d2v2_fairseq(work / "ft.pt", synth.d2v2_state_dict(config, seed=0, finetuned=True),
+                                   synth.d2v2_cfg(config))
+    assert main(["convert", str(src), "--out", str(work / "out")]) == 0
+    return work / "out"
+
+
+@pytest.mark.parametrize("command", ["verify", "publish", "parity"])
+@pytest.mark.parametrize("change", ["code", "auto_map"])
+def test_custom_code_that_is_not_ours_is_never_run_or_published(d2v2_folder, tmp_path, capsys, command, change):
+    copy = copy_of(d2v2_folder, tmp_path)
+    ran = tmp_path / "RAN"
+    planted = f"\nopen({str(ran)!r}, 'w').close()\n"
+    if change == "code":
+        with open(copy / "modeling_data2vec2.py", "a") as f:
+            f.write(planted)
+        named = "modeling_data2vec2.py: missing or differs from the code parityport ships"
+    else:
+        (copy / "evil.py").write_text(planted + "from modeling_data2vec2 import *\n")
+        config = json.loads((copy / "config.json").read_text())
+        config["auto_map"]["AutoModelForImageClassification"] = "evil.Data2Vec2VisionForImageClassification"
+        (copy / "config.json").write_text(json.dumps(config))
+        named = "config.json: auto_map {"
+    write_sha256sums(copy)  # consistent checksums: anyone can list them again
+    argv = {"verify": ["verify", str(copy)], "publish": ["publish", str(copy), "--repo-id", "me/d2v2", "--dry-run"],
+            "parity": ["parity", str(d2v2_folder.parent / "ft.pt"), str(copy)]}[command]
+    assert main(argv) == (2 if command == "parity" else 1)
+    assert named in last_line(capsys.readouterr().err)
+    assert not ran.exists()
+
+
+def test_verify_runs_our_own_custom_code(d2v2_folder, capsys):
+    assert main(["verify", str(d2v2_folder)]) == 0
+    assert "verified" in capsys.readouterr().out
+
+
 # ---- publish -----------------------------------------------------------------------------------
 
 def test_dry_run_lists_the_commit_operations_and_changes_nothing(folder, tmp_path, capsys):
