@@ -113,9 +113,12 @@ def name_h5_positions(checkpoint: Checkpoint) -> dict[str, LazyTensor]:
 
     Where a stored weight name is itself a full BiT path it must name the same
     weight as its position, otherwise the file did not come from bit_tf2's model
-    and `InputError` names the weight.
+    and `InputError` names the weight. Two layers that map to the same names
+    (`group_norm` and `extra/group_norm`) are refused naming both, since either
+    would otherwise overwrite the other unseen.
     """
     out: dict[str, LazyTensor] = {}
+    owner: dict[str, str] = {}
     for layer, weights in checkpoint.meta["order"]:
         if not weights:
             continue
@@ -123,6 +126,11 @@ def name_h5_positions(checkpoint: Checkpoint) -> dict[str, LazyTensor]:
         if len(names) != len(weights):
             raise InputError(checkpoint.path, f"h5 layer {layer!r} holds {len(weights)} weights, "
                                               f"expected {len(names)}")
+        clash = next((name for name in names if name in owner), None)
+        if clash:
+            raise InputError(checkpoint.path, f"h5 layers {owner[clash]!r} and {layer!r} both hold "
+                                              f"{clash!r}: one layer each is expected")
+        owner.update(dict.fromkeys(names, layer))
         for index, (name, weight) in enumerate(zip(names, weights)):
             stored = _FULL_H5_NAME.fullmatch(weight)
             if stored and _NUMBERED_CONV.sub("/standardized_conv2d/", stored.group(1)) != \

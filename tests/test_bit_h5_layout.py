@@ -219,3 +219,17 @@ def test_full_name_that_disagrees_with_its_position_is_refused(tmp_path):
                                          r"at position 8, where Keras' order puts "
                                          r"'resnet/block2/unit01/c/standardized_conv2d/kernel'"):
         name_h5_positions(read_keras_h5(path))
+
+
+@pytest.mark.parametrize("extra, first", [("extra/group_norm", "group_norm"), ("more/block2", "block2")])
+def test_two_layers_with_the_same_names_are_refused(tmp_path, extra, first):
+    """A layer named like another one (same last part) would silently replace its weights."""
+    path, _ = _written(tmp_path)
+    with h5py.File(path, "a") as f:
+        f.copy(f[first], extra)
+        names = [n.decode() for n in f.attrs["layer_names"]]
+        names.insert(names.index(first) + 1, extra)
+        f.attrs["layer_names"] = np.array([n.encode() for n in names], dtype="S")
+    with pytest.raises(InputError, match=rf"h5 layers '{first}' and '{extra}' both hold "
+                                         rf"'resnet/{first}/[^']+': one layer each is expected"):
+        name_h5_positions(read_keras_h5(path))
