@@ -447,6 +447,10 @@ def test_hand_written_storage_pickle_is_valid(tmp_path: Path) -> None:
     (_storage_pickle(4), {}, "storage '0' is missing"),
     (_storage_pickle(4, shape=(8,)), {"0": b"\0" * 16}, "tensor 'w' .* reads past its storage"),
     (_storage_pickle(4, shape=(2, 2), stride=(3, 1)), {"0": b"\0" * 16}, "reads past its storage"),
+    (_storage_pickle(1, shape=(60000, 60000), stride=(0, 0)), {"0": b"\0" * 4},
+     r"tensor 'w' \(float32\[60000, 60000\]\) repeats the 1 elements of storage '0' as 3600000000 "
+     r"\(a stride-0 view\); expanded views may declare 64 MiB in all"),
+    (_storage_pickle(4, shape=(4, 2**22 + 1), stride=(1, 0)), {"0": b"\0" * 16}, "repeats the 4 elements"),
     (_storage_pickle(4, offset=-1), {"0": b"\0" * 16}, "invalid storage offset"),
     (_storage_pickle(4, shape=(-1,)), {"0": b"\0" * 16}, "invalid tensor size"),
 ])

@@ -36,6 +36,11 @@ MAX_PICKLE_BYTES = 256 * 2**20
 MAX_DEPTH = 200                 # nesting of containers in the unpickled object
 MAX_NODES = 5_000_000           # objects visited while flattening (memo reuse can fan out)
 MAX_NDIM = 32
+# torch.save keeps the storage a view was taken from, so an expanded (stride-0) view of one
+# element declares any size from a few bytes of file, and loading it allocates that size. Real
+# checkpoints expand only small buffers (position ids), so views that repeat their storage's
+# elements may declare this many bytes in all, and a file declaring more is refused.
+MAX_EXPANDED_BYTES = 64 * 2**20
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
@@ -620,8 +625,10 @@ def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, tuple[int, int]
     flat = _Flattener(path)
     content = flat.plain(obj, "", 0)
     tensors, source_dtypes = {}, {}
+    expanded = 0
     for name, ref in flat.tensors.items():
         _check_bounds(path, name, ref)
+        expanded += _check_expansion(path, name, ref, expanded)
         tensors[name] = _lazy(path, ref, spans[ref.storage.root], little)
         if ref.dtype == "bfloat16":
             source_dtypes[name] = "bfloat16"
@@ -713,6 +720,20 @@ def _check_bounds(path: Path, name: str, ref: _TensorRef) -> None:
     if _prod(ref.shape) and ref.offset + _span(ref) > capacity:
         raise InputError(path, f"tensor {name!r} ({ref.dtype}{list(ref.shape)}, offset "
                                f"{ref.offset}) reads past its storage {storage.key!r}")
+
+
+def _check_expansion(path: Path, name: str, ref: _TensorRef, expanded: int) -> int:
+    """The bytes `ref` declares where it holds more elements than its storage (0 for any other view),
+    refused where they take the file's expanded views past `MAX_EXPANDED_BYTES`."""
+    storage, itemsize, numel = ref.storage, _ITEMSIZE[ref.dtype], _prod(ref.shape)
+    capacity = storage.numel * _ITEMSIZE[storage.dtype] // itemsize
+    if numel <= capacity:
+        return 0
+    if expanded + numel * itemsize > MAX_EXPANDED_BYTES:
+        raise InputError(path, f"tensor {name!r} ({ref.dtype}{list(ref.shape)}) repeats the {capacity} "
+                               f"elements of storage {storage.key!r} as {numel} (a stride-0 view); "
+                               f"expanded views may declare {MAX_EXPANDED_BYTES >> 20} MiB in all")
+    return numel * itemsize
 
 
 def _span(ref: _TensorRef) -> int:
