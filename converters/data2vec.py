@@ -59,6 +59,10 @@ ARCHS: dict[tuple[int, int, int, int], str] = {  # (dim, blocks, heads, patch) â
 }
 # 2.0 heads by width, used only when the file carries no cfg (the shapes cannot tell).
 D2V2_HEADS_BY_DIM = {768: 12, 1024: 16, 1280: 16}
+# Patches per side of the grid (1.0: the relative-position window). The published models use 14
+# (224 px) to 24 (384 px); the 1.0 index rebuilt for a window of W is (W*W+1)^2 int64, 134 MB at 64,
+# and it grows as W^4, so a file declaring a larger grid is refused before anything is built.
+MAX_GRID = 64
 
 
 def _variant_name(arch: str, num_classes: int) -> str:
@@ -74,6 +78,14 @@ def _shape(tensors: Mapping[str, LazyTensor], key: str) -> tuple[int, ...]:
     if key not in tensors:
         raise InputError(None, f"missing keys: {key}")
     return tuple(tensors[key].shape)
+
+
+def _check_grid(grid: int, source: str) -> int:
+    """`grid` (patches per side) if within `MAX_GRID`, else `InputError` naming `source`."""
+    if grid > MAX_GRID:
+        raise InputError(None, f"{source} is for a {grid}x{grid} grid of patches; at most "
+                               f"{MAX_GRID} per side are supported")
+    return grid
 
 
 def _count(tensors: Mapping[str, LazyTensor], prefix: str) -> int:
@@ -200,11 +212,11 @@ def _d2v1_prefix(tensors: Mapping[str, LazyTensor]) -> str:
 
 
 def _d2v1_window(rows: int, key: str) -> int:
-    """Window side W from a relative position table of (2W-1)^2 + 3 rows."""
-    side = int(round((rows - 3) ** 0.5))
+    """Window side W from a relative position table of (2W-1)^2 + 3 rows, at most `MAX_GRID`."""
+    side = int(round(max(rows - 3, 0) ** 0.5))
     if side * side != rows - 3 or side % 2 == 0:
         raise InputError(None, f"{key}: {rows} rows is not a (2W-1)^2+3 relative position table")
-    return (side + 1) // 2
+    return _check_grid((side + 1) // 2, key)
 
 
 def infer_d2v1(tensors: Mapping[str, LazyTensor]) -> D2V1Spec:
@@ -277,12 +289,19 @@ def d2v1_config(spec: D2V1Spec) -> dict:
 
 
 def _check_d2v1_indices(tensors: Mapping[str, LazyTensor], spec: D2V1Spec) -> None:
-    """A stored relative_position_index must be the one rebuilt for the window (it is then dropped)."""
+    """A stored relative_position_index must be the one rebuilt for the window (it is then dropped);
+    its shape is checked before it is read."""
     from reference.beit_positions import relative_position_index
 
-    want = relative_position_index((spec.window, spec.window))
-    for key, tensor in tensors.items():
-        if key.endswith("relative_position_index") and not np.array_equal(tensor.load(), want):
+    stored = {k: t for k, t in tensors.items() if k.endswith("relative_position_index")}
+    side = spec.window * spec.window + 1  # patches and the cls token
+    for key, tensor in stored.items():
+        if tuple(tensor.shape) != (side, side):
+            raise InputError(None, f"{key} has shape {list(tensor.shape)}; a {spec.window}x{spec.window} "
+                                   f"window needs [{side}, {side}]")
+    want = relative_position_index((spec.window, spec.window)) if stored else None
+    for key, tensor in stored.items():
+        if not np.array_equal(tensor.load(), want):
             raise InputError(None, f"{key} differs from the index rebuilt for a "
                                    f"{spec.window}x{spec.window} window")
 
@@ -412,6 +431,15 @@ def _check_d2v2_cfg(model: Mapping[str, Any], backbone: Mapping[str, Any], spec:
                                "context_encoder blocks")
 
 
+def _d2v2_grid(shape: tuple[int, ...], dim: int, key: str) -> int:
+    """Patches per side from the stored position table's shape [1, G*G, dim], before it is read."""
+    grid = int(round(shape[1] ** 0.5)) if len(shape) == 3 else 0
+    if len(shape) != 3 or shape[0] != 1 or shape[2] != dim or not grid or grid * grid != shape[1]:
+        raise InputError(None, f"{key} has shape {list(shape)}; expected [1, G*G, {dim}] for a GxG grid "
+                               "of patches")
+    return _check_grid(grid, key)
+
+
 def d2v2_backbone(tensors: Mapping[str, LazyTensor]) -> str:
     """Where the Data2VecMultiModel keys start: under `model.model.` (a `*_ft.pt` classifier, whose
     `model.fc_norm`/`model.head` sit beside it) or directly under `model.` (a pretrained file)."""
@@ -438,13 +466,14 @@ def infer_d2v2(tensors: Mapping[str, LazyTensor], meta: Mapping[str, Any], notes
     e = b + IMAGE
     finetuned = b == D2V2_BACKBONE
     conv = _shape(tensors, e + "local_encoder.proj.weight")
-    positions = _shape(tensors, e + "fixed_positional_encoder.positions")
+    grid = _d2v2_grid(_shape(tensors, e + "fixed_positional_encoder.positions"), conv[0],
+                      e + "fixed_positional_encoder.positions")
     model, backbone = _cfg_models(meta)
     spec = D2V2Spec(
         backbone=b, dim=conv[0], prenet_depth=_count(tensors, e + "context_encoder.blocks."),
         depth=_count(tensors, b + "blocks."), heads=_d2v2_heads(backbone, conv[0], notes),
         mlp_hidden=_shape(tensors, b + "blocks.0.mlp.fc1.weight")[0], patch=conv[-1],
-        image=int(round(positions[1] ** 0.5)) * conv[-1], in_chans=conv[1],
+        image=grid * conv[-1], in_chans=conv[1],
         num_classes=_shape(tensors, f"{D2V2_HEAD}head.weight")[0] if finetuned else 0,
         layer_norm_first=e + "context_encoder.norm.weight" not in tensors,
         norm_eps=float(model.get("norm_eps") or backbone.get("norm_eps") or LN_EPS))
@@ -509,13 +538,14 @@ def hf_code_files() -> dict[str, bytes]:
 
 
 def _check_positions(tensors: Mapping[str, LazyTensor], spec: D2V2Spec) -> None:
-    """The stored table must be the 2-D sin-cos table of the grid (up to fp16 rounding)."""
+    """The stored table must be the 2-D sin-cos table of the grid (up to fp16 rounding); its shape
+    was checked by `infer_d2v2`, so the table built here is no larger than the stored one."""
     from reference.mae_positions import POSITIONS_ATOL, sincos_positions
 
     key = spec.backbone + IMAGE + "fixed_positional_encoder.positions"
     want = sincos_positions(spec.dim, spec.image // spec.patch)
-    got = tensors[key].load().astype(np.float32)
-    if got.shape != want.shape or np.abs(got - want).max() > POSITIONS_ATOL:
+    if tuple(tensors[key].shape) != want.shape or \
+            np.abs(tensors[key].load().astype(np.float32) - want).max() > POSITIONS_ATOL:
         raise InputError(None, f"{key} is not the 2-D sin-cos table of a "
                                f"{spec.image // spec.patch}x{spec.image // spec.patch} grid")
 

@@ -372,6 +372,18 @@ def _d2v2_pretrained_file(tmp_path: Path, mutate) -> Path:
     return synth.write_d2v2_fairseq(tmp_path / "base_imagenet.pt", sd, synth.d2v2_cfg(config, finetuned=False))
 
 
+POSITIONS = "modality_encoders.IMAGE.fixed_positional_encoder.positions"
+
+
+def _set_tables(sd: dict, rows: int, heads: int) -> None:
+    """Every per-layer relative position table [rows, heads] (expanded: the values do not matter),
+    and the stored indices dropped."""
+    for key in [k for k in sd if k.endswith("relative_position_index")]:
+        del sd[key]
+    for key in [k for k in sd if k.endswith("relative_position_bias_table")]:
+        sd[key] = torch.zeros(1).expand(rows, heads)
+
+
 BAD = [
     ("missing key", lambda p: _d2v1_file(p, lambda sd: sd.pop("blocks.1.mlp.fc2.bias")),
      "missing keys: module.blocks.1.mlp.fc2.bias"),
@@ -381,6 +393,12 @@ BAD = [
      "data2vec_vision.encoder.layer.1.intermediate.dense.weight: shape [128, 64], expected [256, 64]"),
     ("wrong index", lambda p: _d2v1_file(p, lambda sd: sd["blocks.0.attn.relative_position_index"].fill_(0)),
      "module.blocks.0.attn.relative_position_index differs from the index rebuilt for a 4x4 window"),
+    ("index of the wrong shape", lambda p: _d2v1_file(p, lambda sd: sd.__setitem__(
+        "blocks.0.attn.relative_position_index", torch.zeros(1, dtype=torch.int64).expand(100, 100))),
+     "module.blocks.0.attn.relative_position_index has shape [100, 100]; a 4x4 window needs [17, 17]"),
+    ("window too large", lambda p: _d2v1_file(p, lambda sd: _set_tables(sd, 129 ** 2 + 3, 4)),
+     "module.blocks.0.attn.relative_position_bias_table is for a 65x65 grid of patches; "
+     "at most 64 per side are supported"),
     ("2.0 missing key", lambda p: _d2v2_file(p, lambda sd: sd.pop("model.blocks.1.attn.proj.weight")),
      "missing keys: model.model.blocks.1.attn.proj.weight"),
     ("2.0 unknown key", lambda p: _d2v2_file(p, lambda sd: sd.__setitem__("model.blocks.0.attn.k_norm.weight",
@@ -390,6 +408,12 @@ BAD = [
         p, lambda sd: None, lambda c: c["model"]["pretrained_model_args"]["model"].pop("num_heads")),
      "cfg.model has no num_heads and width 64 is not a published variant (the head count cannot be read "
      "from the shapes)"),
+    ("2.0 positions not a square grid", lambda p: _d2v2_file(
+        p, lambda sd: sd.__setitem__(f"model.{POSITIONS}", torch.zeros(1).expand(1, 17, 64))),
+     f"model.model.{POSITIONS} has shape [1, 17, 64]; expected [1, G*G, 64] for a GxG grid of patches"),
+    ("2.0 grid too large", lambda p: _d2v2_file(
+        p, lambda sd: sd.__setitem__(f"model.{POSITIONS}", torch.zeros(1).expand(1, 65 * 65, 64))),
+     f"model.model.{POSITIONS} is for a 65x65 grid of patches; at most 64 per side are supported"),
     ("2.0 pretrained missing key", lambda p: _d2v2_pretrained_file(p, lambda sd: sd.pop("blocks.1.mlp.fc1.bias")),
      "missing keys: model.blocks.1.mlp.fc1.bias"),
     ("2.0 pretrained unknown key", lambda p: _d2v2_pretrained_file(
