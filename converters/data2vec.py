@@ -80,12 +80,28 @@ def _shape(tensors: Mapping[str, LazyTensor], key: str) -> tuple[int, ...]:
     return tuple(tensors[key].shape)
 
 
+def _check_heads(heads: int, dim: int, source: str) -> int:
+    """`heads` if it splits the width `dim` evenly, else `InputError` naming `source`."""
+    if heads <= 0 or dim % heads:
+        raise InputError(None, f"{source} gives {heads} attention heads, which do not split the "
+                               f"width {dim} evenly")
+    return heads
+
+
 def _check_grid(grid: int, source: str) -> int:
     """`grid` (patches per side) if within `MAX_GRID`, else `InputError` naming `source`."""
     if grid > MAX_GRID:
         raise InputError(None, f"{source} is for a {grid}x{grid} grid of patches; at most "
                                f"{MAX_GRID} per side are supported")
     return grid
+
+
+def _conv_shape(tensors: Mapping[str, LazyTensor], key: str) -> tuple[int, ...]:
+    """The patch embedding's [dim, channels, patch, patch], refused in any other rank."""
+    shape = _shape(tensors, key)
+    if len(shape) != 4:
+        raise InputError(None, f"{key} has shape {list(shape)}; expected [dim, channels, patch, patch]")
+    return shape
 
 
 def _count(tensors: Mapping[str, LazyTensor], prefix: str) -> int:
@@ -227,11 +243,14 @@ def infer_d2v1(tensors: Mapping[str, LazyTensor]) -> D2V1Spec:
     if per_layer in tensors and shared in tensors:
         raise InputError(None, f"both {shared} and per-layer tables: unsupported combination")
     table = per_layer if per_layer in tensors else shared
+    if len(_shape(tensors, table)) != 2:
+        raise InputError(None, f"{table} has shape {list(_shape(tensors, table))}; expected [rows, heads]")
     rows, heads = _shape(tensors, table)
-    conv = _shape(tensors, f"{p}patch_embed.proj.weight")
+    conv = _conv_shape(tensors, f"{p}patch_embed.proj.weight")
+    dim = _shape(tensors, f"{p}cls_token")[-1]
     return D2V1Spec(
-        prefix=p, dim=_shape(tensors, f"{p}cls_token")[-1], depth=_count(tensors, f"{p}blocks."),
-        heads=heads, mlp_hidden=_shape(tensors, f"{p}blocks.0.mlp.fc1.weight")[0], patch=conv[-1],
+        prefix=p, dim=dim, depth=_count(tensors, f"{p}blocks."), heads=_check_heads(heads, dim, table),
+        mlp_hidden=_shape(tensors, f"{p}blocks.0.mlp.fc1.weight")[0], patch=conv[-1],
         image=_d2v1_window(rows, table) * conv[-1], in_chans=conv[1],
         num_classes=_shape(tensors, f"{p}head.weight")[0] if f"{p}head.weight" in tensors else 0,
         shared_rel_pos=table == shared)
@@ -405,9 +424,20 @@ def _cfg_models(meta: Mapping[str, Any]) -> tuple[dict, dict]:
     return model, backbone if isinstance(backbone, dict) else model
 
 
+def _cfg_value(cfg: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str,
+               name: str | None = None) -> Any:
+    """`cfg[key]` (None when absent or null), refused with `InputError` naming the field (`name`,
+    else `key`) unless it is of `kind`; a bool is never taken for a number."""
+    value = cfg.get(key)
+    if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+        return value
+    raise InputError(None, f"cfg field {name or key!r} is {value!r}; expected {what}")
+
+
 def _d2v2_heads(backbone: Mapping[str, Any], dim: int, notes: list[str]) -> int:
-    if isinstance(backbone.get("num_heads"), int):
-        return backbone["num_heads"]
+    heads = _cfg_value(backbone, "num_heads", int, "an integer")
+    if heads is not None:
+        return _check_heads(heads, dim, "cfg field 'num_heads'")
     if dim in D2V2_HEADS_BY_DIM:
         notes.append(f"The file's cfg has no num_heads; {D2V2_HEADS_BY_DIM[dim]} heads taken from the "
                      f"published variant of width {dim}.")
@@ -421,14 +451,25 @@ def _check_d2v2_cfg(model: Mapping[str, Any], backbone: Mapping[str, Any], spec:
     mode = model.get("prediction_mode", "MEAN_POOLING")
     if mode not in ("MEAN_POOLING", None):
         raise InputError(None, f"cfg.model.prediction_mode is {mode!r}; only MEAN_POOLING converts")
-    first = backbone.get("layer_norm_first")
-    if first is not None and bool(first) != spec.layer_norm_first:
+    first = _cfg_value(backbone, "layer_norm_first", bool, "true or false")
+    if first is not None and first != spec.layer_norm_first:
         raise InputError(None, f"cfg says layer_norm_first={first} but the keys say {spec.layer_norm_first} "
                                f"({IMAGE}context_encoder.norm is {'absent' if spec.layer_norm_first else 'present'})")
-    prenet = ((backbone.get("modalities") or {}).get("image") or {}).get("prenet_depth")
+    modalities = _cfg_value(backbone, "modalities", dict, "a mapping") or {}
+    image = _cfg_value(modalities, "image", dict, "a mapping", "modalities.image") or {}
+    prenet = _cfg_value(image, "prenet_depth", int, "an integer", "modalities.image.prenet_depth")
     if prenet is not None and prenet != spec.prenet_depth:
         raise InputError(None, f"cfg says prenet_depth={prenet} but the file has {spec.prenet_depth} "
                                "context_encoder blocks")
+
+
+def _d2v2_eps(model: Mapping[str, Any], backbone: Mapping[str, Any]) -> float:
+    """The cfg's LayerNorm eps (classifier cfg first), `LN_EPS` when neither gives one."""
+    eps = (_cfg_value(model, "norm_eps", (int, float), "a positive number")
+           or _cfg_value(backbone, "norm_eps", (int, float), "a positive number") or LN_EPS)
+    if not 0 < eps < float("inf"):
+        raise InputError(None, f"cfg field 'norm_eps' is {eps!r}; expected a positive number")
+    return float(eps)
 
 
 def _d2v2_grid(shape: tuple[int, ...], dim: int, key: str) -> int:
@@ -465,7 +506,7 @@ def infer_d2v2(tensors: Mapping[str, LazyTensor], meta: Mapping[str, Any], notes
     b = d2v2_backbone(tensors)
     e = b + IMAGE
     finetuned = b == D2V2_BACKBONE
-    conv = _shape(tensors, e + "local_encoder.proj.weight")
+    conv = _conv_shape(tensors, e + "local_encoder.proj.weight")
     grid = _d2v2_grid(_shape(tensors, e + "fixed_positional_encoder.positions"), conv[0],
                       e + "fixed_positional_encoder.positions")
     model, backbone = _cfg_models(meta)
@@ -476,7 +517,7 @@ def infer_d2v2(tensors: Mapping[str, LazyTensor], meta: Mapping[str, Any], notes
         image=grid * conv[-1], in_chans=conv[1],
         num_classes=_shape(tensors, f"{D2V2_HEAD}head.weight")[0] if finetuned else 0,
         layer_norm_first=e + "context_encoder.norm.weight" not in tensors,
-        norm_eps=float(model.get("norm_eps") or backbone.get("norm_eps") or LN_EPS))
+        norm_eps=_d2v2_eps(model, backbone))
     _check_d2v2_cfg(model, backbone, spec)
     return spec
 

@@ -384,6 +384,10 @@ def _set_tables(sd: dict, rows: int, heads: int) -> None:
         sd[key] = torch.zeros(1).expand(rows, heads)
 
 
+def _backbone_cfg(edit):
+    return lambda c: edit(c["model"]["pretrained_model_args"]["model"])
+
+
 BAD = [
     ("missing key", lambda p: _d2v1_file(p, lambda sd: sd.pop("blocks.1.mlp.fc2.bias")),
      "missing keys: module.blocks.1.mlp.fc2.bias"),
@@ -399,6 +403,12 @@ BAD = [
     ("window too large", lambda p: _d2v1_file(p, lambda sd: _set_tables(sd, 129 ** 2 + 3, 4)),
      "module.blocks.0.attn.relative_position_bias_table is for a 65x65 grid of patches; "
      "at most 64 per side are supported"),
+    ("heads not dividing the width", lambda p: _d2v1_file(p, lambda sd: _set_tables(sd, 52, 5)),
+     "module.blocks.0.attn.relative_position_bias_table gives 5 attention heads, which do not split "
+     "the width 64 evenly"),
+    ("no heads", lambda p: _d2v1_file(p, lambda sd: _set_tables(sd, 52, 0)),
+     "module.blocks.0.attn.relative_position_bias_table gives 0 attention heads, which do not split "
+     "the width 64 evenly"),
     ("2.0 missing key", lambda p: _d2v2_file(p, lambda sd: sd.pop("model.blocks.1.attn.proj.weight")),
      "missing keys: model.model.blocks.1.attn.proj.weight"),
     ("2.0 unknown key", lambda p: _d2v2_file(p, lambda sd: sd.__setitem__("model.blocks.0.attn.k_norm.weight",
@@ -408,6 +418,30 @@ BAD = [
         p, lambda sd: None, lambda c: c["model"]["pretrained_model_args"]["model"].pop("num_heads")),
      "cfg.model has no num_heads and width 64 is not a published variant (the head count cannot be read "
      "from the shapes)"),
+    ("2.0 heads 0", lambda p: _d2v2_file(p, lambda sd: None, _backbone_cfg(lambda m: m.update(num_heads=0))),
+     "cfg field 'num_heads' gives 0 attention heads, which do not split the width 64 evenly"),
+    ("2.0 heads 5", lambda p: _d2v2_file(p, lambda sd: None, _backbone_cfg(lambda m: m.update(num_heads=5))),
+     "cfg field 'num_heads' gives 5 attention heads, which do not split the width 64 evenly"),
+    ("2.0 heads a str", lambda p: _d2v2_file(p, lambda sd: None, _backbone_cfg(lambda m: m.update(num_heads="4"))),
+     "cfg field 'num_heads' is '4'; expected an integer"),
+    ("2.0 modalities a str", lambda p: _d2v2_file(
+        p, lambda sd: None, _backbone_cfg(lambda m: m.update(modalities="image"))),
+     "cfg field 'modalities' is 'image'; expected a mapping"),
+    ("2.0 prenet_depth a str", lambda p: _d2v2_file(
+        p, lambda sd: None, _backbone_cfg(lambda m: m["modalities"]["image"].update(prenet_depth="1"))),
+     "cfg field 'modalities.image.prenet_depth' is '1'; expected an integer"),
+    ("2.0 norm_eps a list", lambda p: _d2v2_file(
+        p, lambda sd: None, _backbone_cfg(lambda m: m.update(norm_eps=[1e-6]))),
+     "cfg field 'norm_eps' is [1e-06]; expected a positive number"),
+    ("2.0 norm_eps a str", lambda p: _d2v2_file(
+        p, lambda sd: None, _backbone_cfg(lambda m: m.update(norm_eps="1e-6 "))),
+     "cfg field 'norm_eps' is '1e-6 '; expected a positive number"),
+    ("2.0 norm_eps negative", lambda p: _d2v2_file(
+        p, lambda sd: None, _backbone_cfg(lambda m: m.update(norm_eps=-1e-6))),
+     "cfg field 'norm_eps' is -1e-06; expected a positive number"),
+    ("2.0 layer_norm_first a str", lambda p: _d2v2_file(
+        p, lambda sd: None, _backbone_cfg(lambda m: m.update(layer_norm_first="false"))),
+     "cfg field 'layer_norm_first' is 'false'; expected true or false"),
     ("2.0 positions not a square grid", lambda p: _d2v2_file(
         p, lambda sd: sd.__setitem__(f"model.{POSITIONS}", torch.zeros(1).expand(1, 17, 64))),
      f"model.model.{POSITIONS} has shape [1, 17, 64]; expected [1, G*G, 64] for a GxG grid of patches"),
