@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from converters.errors import InputError, UnsafeInputError
+from converters.readers import keras_h5 as keras_reader
 from converters.readers import npz as npz_reader
 from converters.readers.detect import open_checkpoint
 from converters.readers.keras_h5 import read_keras_h5
@@ -277,6 +278,26 @@ def test_h5_huge_unwritten_dataset_refused(tmp_path: Path) -> None:
         group.create_dataset("kernel:0", shape=(10**9,), dtype="<f4", chunks=(1024,), compression="gzip")
     with pytest.raises(InputError, match="has no stored data"):
         read_keras_h5(_keras_file(tmp_path / "h.h5", add))
+
+
+def test_h5_dataset_of_mostly_unwritten_chunks_refused(tmp_path: Path) -> None:
+    def add(group, h5):
+        group.create_dataset("kernel:0", shape=(10**7,), dtype="<f4", chunks=(1024,))[:1024] = 1.0
+    path = _keras_file(tmp_path / "s.h5", add)
+    with pytest.raises(InputError, match=r"dataset '/d/kernel:0' declares 40000000 bytes but stores 4096 "
+                                         r"\(the rest would be read as fill value\); refused") as error:
+        read_keras_h5(path)
+    _one_line(error, path)
+
+
+def test_h5_file_declaring_far_more_than_its_size_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(keras_reader, "FILE_RATIO_FLOOR", 2**20)
+    def add(group, h5):  # zeros compress ~1000:1, within one dataset's limit
+        group.create_dataset("kernel:0", data=np.zeros(2**21, np.float32), chunks=(2**16,), compression="gzip")
+    path = _keras_file(tmp_path / "z.h5", add)
+    with pytest.raises(InputError, match=r"bytes of file declare 8388608 bytes of weights "
+                                         r"\(over 100 times its size\); refused"):
+        read_keras_h5(path)
 
 
 def test_h5_not_keras_and_truncated(tmp_path: Path) -> None:

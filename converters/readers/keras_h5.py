@@ -22,6 +22,14 @@ from converters.tensors import Checkpoint, LazyTensor
 
 PLAIN_KINDS = "biufc"
 MAX_TENSOR_BYTES = 64 * 2**30
+# Chunks never written read back as the fill value, so a dataset may declare far more than it
+# stores. Keras writes weights uncompressed (1:1) and deflate cannot expand past ~1032:1, so a
+# dataset declaring more than this ratio of its stored bytes (plus one small chunk) is crafted.
+MAX_DATASET_RATIO = 1100
+# As for .npz: the whole file may not declare more than this many times its own size once past
+# a small floor (only zeros compress more than ~1.1:1).
+MAX_FILE_RATIO = 100
+FILE_RATIO_FLOOR = 256 * 2**20
 MAX_LINK_HOPS = 8
 # deflate (gzip), shuffle, fletcher32 and lzf ship with h5py; anything else is a plugin.
 ALLOWED_FILTERS = {1, 2, 3, 32000}
@@ -63,7 +71,16 @@ def _read(path: Path) -> Checkpoint:
                     raise InputError(path, f"duplicate weight {name!r}")
                 tensors[name] = _lazy(path, dataset, name)
         meta = {"order": order, "root": root.name, **_version_attrs(h5), **_version_attrs(root)}
+    _check_total(path, tensors)
     return Checkpoint(path, "keras-h5", tensors, meta)
+
+
+def _check_total(path: Path, tensors: dict[str, LazyTensor]) -> None:
+    """Refuse a file whose datasets together declare over `MAX_FILE_RATIO` times its size."""
+    total, size = sum(t.nbytes for t in tensors.values()), path.stat().st_size
+    if total > FILE_RATIO_FLOOR and total > MAX_FILE_RATIO * size:
+        raise InputError(path, f"{size} bytes of file declare {total} bytes of weights "
+                               f"(over {MAX_FILE_RATIO} times its size); refused")
 
 
 def _open(path: Path) -> h5py.File:
@@ -195,8 +212,12 @@ def _check_dataset(path: Path, dataset: h5py.Dataset) -> None:
         raise InputError(path, f"dataset {name!r} has unsupported dtype {dtype}")
     if dataset.nbytes > MAX_TENSOR_BYTES:
         raise InputError(path, f"dataset {name!r} declares {dataset.nbytes} bytes, over the limit")
-    if dataset.nbytes and dataset.id.get_storage_size() == 0:
+    stored = dataset.id.get_storage_size()
+    if dataset.nbytes and stored == 0:
         raise InputError(path, f"dataset {name!r} has no stored data")
+    if dataset.nbytes > MAX_DATASET_RATIO * stored + 4096:
+        raise InputError(path, f"dataset {name!r} declares {dataset.nbytes} bytes but stores {stored} "
+                               "(the rest would be read as fill value); refused")
 
 
 def _check_filters(path: Path, dataset: h5py.Dataset) -> None:
