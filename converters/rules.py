@@ -22,6 +22,12 @@ import numpy as np
 from converters.errors import InputError
 from converters.tensors import LazyTensor
 
+# The dtypes safetensors files are written in (converters/writer.py's tags; bfloat16 sources are
+# read as float32). A converted tensor of any other dtype (uint16-64, complex) is refused here,
+# naming it, rather than when the writer meets it.
+CONVERTIBLE_DTYPES = frozenset(np.dtype(n) for n in (
+    "float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"))
+
 # ----------------------------------------------------------------------------
 # Templates: "{name}" digits, "{name:02d}" zero-padded digits, "{name:w}" a word
 # (no '.' or '/'), "{name-1}" / "{name+1}" the same field shifted.
@@ -339,6 +345,7 @@ def apply_rules(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule],
         missing = [s for s in sources if s not in tensors]
         if missing:
             raise InputError(path, f"missing keys: {_some(missing)} (needed with {key})")
+        _check_dtypes({s: tensors[s] for s in sources}, path)
         consumed.update(sources)
         targets = [t.render(values) for t in rule.targets]
         for name, tensor in zip(targets, _lazy_outputs(rule.op, [tensors[s] for s in sources], key, path)):
@@ -348,6 +355,13 @@ def apply_rules(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule],
     if expected is not None:
         _check_expected(out, expected, rules, path)
     return Converted(out, dropped)
+
+
+def _check_dtypes(tensors: Mapping[str, LazyTensor], path: str | None) -> None:
+    for key, tensor in tensors.items():
+        if np.dtype(tensor.dtype) not in CONVERTIBLE_DTYPES:
+            raise InputError(path, f"{key} has dtype {np.dtype(tensor.dtype)}, which does not convert "
+                                   "(float, signed integer, uint8 or bool only)")
 
 
 def _first_match(rules: Sequence[Rule], key: str):

@@ -243,6 +243,20 @@ def test_bad_keys_and_shapes(tmp_path, capsys, mutate, message):
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "complex64"])
+def test_a_dtype_that_does_not_convert_is_named(tmp_path, capsys, dtype):
+    arrays = bit_arrays(**TINY_BIT, seed=1)
+    gamma = "resnet/block1/unit01/a/group_norm/gamma"
+    src, out = tmp_path / "bad.npz", tmp_path / "out"
+    with open(src, "wb") as f:  # write_bit_npz writes float32 only
+        np.savez(f, **{k: v.astype(dtype if k == gamma else np.float32) for k, v in arrays.items()})
+    assert main(["convert", str(src), "--out", str(out), "--no-parity"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"parityport: error: {src}: {gamma} has dtype {dtype}, which does not convert "
+        "(float, signed integer, uint8 or bool only)")
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
 def test_wrong_format_and_truncated_file(tmp_path, tiny_npz, capsys):
     text = tmp_path / "notes.npz"
     text.write_text("hello, not a checkpoint\n")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from converters.errors import InputError
-from converters.rules import (Broadcast, Compose, Drop, Rename, Reshape, SplitRows, Template,
-                              Transpose, apply_rules, invert)
+from converters.rules import (CONVERTIBLE_DTYPES, Broadcast, Compose, Drop, Rename, Reshape, SplitRows,
+                              Template, Transpose, apply_rules, invert)
 from converters.tensors import LazyTensor
 
 
@@ -107,3 +107,19 @@ def test_unknown_missing_extra_and_shape_errors_name_keys():
     fewer = {k: v for k, v in expected.items() if k != "layer.0.table"}
     with pytest.raises(InputError, match=r"unexpected keys: layer\.0\.table$"):
         apply_rules(lazy(source()), RULES, fewer, path="f.npz")
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "uint64", "complex64", "complex128"])
+def test_a_dtype_the_writer_cannot_write_is_refused_by_name(dtype):
+    tensors = lazy({"a": np.ones(2, np.float32), "b": np.ones(2, dtype), "c": np.ones(2, dtype)})
+    rules = [Rename("a", "x"), Rename("b", "y"), Drop("c", "unused")]
+    with pytest.raises(InputError, match=rf"^f.npz: b has dtype {dtype}, which does not convert "
+                                         r"\(float, signed integer, uint8 or bool only\)$"):
+        apply_rules(tensors, rules, path="f.npz")
+    assert apply_rules(tensors, [rules[0], Drop("b", "unused"), rules[2]]).tensors.keys() == {"x"}
+
+
+def test_convertible_dtypes_are_the_ones_the_writer_writes():
+    from converters.writer import _TAGS
+
+    assert CONVERTIBLE_DTYPES == set(_TAGS)
