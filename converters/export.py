@@ -2,11 +2,14 @@
 
 A folder at the destination therefore always is a finished conversion; an
 interrupted or failed run leaves at most a `.NAME.partial-*` folder (removed
-when the run fails cleanly, ignored and swept by the next run otherwise).
+when the run fails cleanly, ignored and swept by the next run otherwise). A run
+holds a lock on its folder's `.lock` file beside it, so a concurrent run to the
+same destination never sweeps a folder that is still being written.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -25,6 +28,7 @@ from converters.writer import Later, check_sha256sums
 
 MODEL_FILE = "model.safetensors"
 SHA256_HEX = 64  # characters of a sha256 hex digest
+LOCK_SUFFIX = ".lock"  # `.NAME.partial-XXXX.lock`: held by the run writing `.NAME.partial-XXXX`
 
 
 def check_destination(source: Path, dest: Path) -> None:
@@ -79,19 +83,87 @@ def up_to_date(dest: Path, source_sha256: str, dtype: str = "float32", verified:
 
 @contextmanager
 def staging(dest: Path) -> Iterator[Path]:
-    """A fresh temporary folder beside `dest`; removed if the block raises."""
+    """A fresh temporary folder beside `dest`, locked while the block runs; removed if it raises.
+
+    Leftovers of killed runs are swept first: `.NAME.old-*` folders, and the
+    `.NAME.partial-*` folders whose lock no process holds any more. The lock is
+    an exclusive `flock` on `<folder>.lock` beside the folder (inside, it would be
+    published with the folder), taken before the folder exists and released after
+    the folder was committed or removed.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*dest.parent.glob(f".{dest.name}.partial-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a run that was killed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
+    _sweep(dest)
+    lock, tmp = _locked_folder(dest)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # made 0700 like mkdtemp's; the result is an ordinary folder
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _unlock(lock, tmp)
+
+
+def _locked_folder(dest: Path) -> tuple[int, Path]:
+    """(descriptor holding the lock, folder): a new lock file, locked, then its folder."""
+    while True:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.partial-", suffix=LOCK_SUFFIX, dir=dest.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a sweeper that took it first removes it: then start again
+        folder = Path(name[: -len(LOCK_SUFFIX)])
+        if _is_at(fd, name):
+            try:
+                folder.mkdir(0o700)
+                return fd, folder
+            except FileExistsError:  # another run's mkdtemp-style name, however unlikely
+                os.unlink(name)
+        os.close(fd)
+
+
+def _unlock(fd: int, folder: Path) -> None:
+    """Remove the lock file of `folder`, then release it (no one ever sees it unlocked)."""
+    try:
+        os.unlink(f"{folder}{LOCK_SUFFIX}")
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def _is_at(fd: int, name: str) -> bool:
+    """Whether the open file `fd` still is the file at path `name`."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(name))
+    except FileNotFoundError:
+        return False
+
+
+def _sweep(dest: Path) -> None:
+    """Remove what killed runs left beside `dest`, never a partial folder whose lock is held."""
+    for old in dest.parent.glob(f".{dest.name}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    for path in dest.parent.glob(f".{dest.name}.partial-*"):
+        if path.name.endswith(LOCK_SUFFIX):
+            _sweep_locked(path)
+        elif not Path(f"{path}{LOCK_SUFFIX}").exists():  # the lock file is made first, removed last
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _sweep_locked(lock: Path) -> None:
+    """Remove the folder of `lock` and the lock file, if no live process holds the lock."""
+    try:
+        fd = os.open(lock, os.O_RDWR)  # read-write: flock over NFS is a write lock
+    except OSError:  # gone meanwhile, or another user's: left alone
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # its owner is alive and writing
+        os.close(fd)
+        return
+    if _is_at(fd, str(lock)):
+        shutil.rmtree(lock.with_name(lock.name[: -len(LOCK_SUFFIX)]), ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    os.close(fd)
 
 
 def commit(tmp: Path, dest: Path) -> None:

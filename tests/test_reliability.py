@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from checkpoints.synthetic import DEPTHS, TINY_BIT, bit_arrays, write_bit_npz
 from converters.errors import InputError
-from converters.export import check_destination, safe_file_name
+from converters.export import LOCK_SUFFIX, check_destination, safe_file_name, staging
 from converters.tensors import LazyTensor
 from converters.writer import check_sha256sums, write_safetensors
 from parityport.cli import main
@@ -156,6 +156,28 @@ def test_leftovers_of_a_killed_run_are_swept(tiny_npz, tmp_path):
         (tmp_path / stale).mkdir()
         (tmp_path / stale / "model.safetensors").write_bytes(b"half")
     assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 0
+    assert leftovers(dest) == []
+
+
+def test_a_live_runs_staging_folder_is_not_swept(tmp_path):
+    """A second run to the same destination sweeps only what dead runs left, never the folder a
+    running conversion is writing (its owner holds the lock beside it)."""
+    dest = tmp_path / "out"
+    with staging(dest) as live:
+        (live / "model.safetensors").write_bytes(b"being written")
+        dead = tmp_path / f".{dest.name}.partial-dead"  # killed before locks, or by kill -9:
+        dead.mkdir()
+        killed = tmp_path / f".{dest.name}.partial-killed"
+        killed.mkdir()
+        Path(f"{killed}{LOCK_SUFFIX}").touch()  # its lock file outlived its owner, unlocked
+        with staging(dest) as other:
+            assert (live / "model.safetensors").read_bytes() == b"being written"
+            assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+                p.name + suffix for p in (live, other) for suffix in ("", LOCK_SUFFIX))
+    assert leftovers(dest) == sorted([live.name, other.name])  # not committed, and now unlocked
+    with pytest.raises(RuntimeError):
+        with staging(dest):  # sweeps both, and removes its own folder as it fails
+            raise RuntimeError("failed")
     assert leftovers(dest) == []
 
 
