@@ -237,7 +237,7 @@ def write_model(tmp: Path, conversion: Conversion, checkpoint: Checkpoint, sourc
                 "variant": conversion.variant}
     try:
         write_sharded(tmp, conversion.tensors, dtype=dtype, metadata=metadata,
-                      max_shard_size=max_shard_size or MAX_SHARD_SIZE, on_tensor=on_tensor,
+                      max_shard_size=MAX_SHARD_SIZE if max_shard_size is None else max_shard_size, on_tensor=on_tensor,
                       allow_nonfinite=allow_nonfinite)
     except InputError as e:
         raise InputError(checkpoint.path, e.problem) from None

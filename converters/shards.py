@@ -30,14 +30,22 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 _FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes in a size such as `5GB`, `100KB`, `2GiB` or `1000000` (decimal units, as huggingface_hub)."""
+def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
+    """Bytes in a size such as `5GB`, `100KB`, `2GiB` or `1000000` (decimal units, as huggingface_hub).
+
+    A size under one byte (`0.5`, `0.1KB`) is refused naming `option`: it would
+    round to 0, which callers read as "no size given".
+    """
     if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
-    if match is None or float(match.group(1)) <= 0:
-        raise InputError(None, f"bad size {text!r} (use e.g. 5GB, 500MB, 100KB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+        size = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
+        if match is None:
+            raise InputError(None, f"{option}: bad size {text!r} (use e.g. 5GB, 500MB, 100KB)")
+        size = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    if size < 1:
+        raise InputError(None, f"{option}: {text!r} is under one byte (use e.g. 5GB, 500MB, 100KB)")
+    return size
 
 
 def stored_size(tensor: LazyTensor, dtype: str | None) -> int:

@@ -171,6 +171,18 @@ def test_plan_shards_is_greedy_and_keeps_big_tensors_alone():
     assert plan_shards(tensors, "float32", parse_size("5GB")) == [tensors]
 
 
+@pytest.mark.parametrize("size, problem", [
+    ("0.5", "'0.5' is under one byte"), ("0.0001KB", "'0.0001KB' is under one byte"),
+    ("0", "'0' is under one byte"), ("5 parsecs", "bad size '5 parsecs'"),
+])
+def test_a_shard_size_under_one_byte_is_refused_not_read_as_the_default(npz, tmp_path, capsys, size, problem):
+    out = tmp_path / "out"
+    assert main(["convert", str(npz), "--out", str(out), "--no-parity", "--max-shard-size", size]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"parityport: error: --max-shard-size: {problem} (use e.g. 5GB, 500MB, 100KB)")
+    assert not out.exists()
+
+
 def test_sharded_folder_loads_identically_and_is_fully_checksummed(folder, sharded):
     from safetensors import safe_open
     from transformers import AutoModelForImageClassification
