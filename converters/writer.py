@@ -140,7 +140,8 @@ def _encode(array: np.ndarray, dtype: str | None) -> memoryview:
             return memoryview(to_bfloat16(array)).cast("B")
         if array.dtype != np.dtype(dtype):
             cast = memory.empty(array.shape, dtype, pool="cast")  # recycled: fresh memory faults
-            np.copyto(cast, array, casting="same_kind")
+            with np.errstate(over="ignore"):  # Inf only where --allow-nonfinite let it through (_check_fits)
+                np.copyto(cast, array, casting="same_kind")
             array = cast
     array = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
     return memoryview(array).cast("B")
