@@ -88,9 +88,16 @@ def cache_dir() -> Path:
 
 
 def cached_path(entry: Entry) -> Path | None:
-    """Return the cached file of `entry` when it is present, else None (a `.partial` does not count)."""
+    """Return the cached file of `entry` when it is present, else None (a `.partial` does not count).
+    A cached file of another size than the catalog's is an error naming it: it is not that file."""
     path = cache_dir() / entry.filename
-    return path if path.is_file() else None
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    if entry.size is not None and size != entry.size:
+        raise InputError(path, f"is {size} bytes where the catalog's {entry.name} is {entry.size}: a cut-off "
+                               "or different file; delete it to download again")
+    return path
 
 
 def cached_digest(path: Path) -> str | None:
@@ -140,8 +147,9 @@ def fetch(
     TTY. Failures raise `DownloadError` (`network=True` for unreachable hosts and
     broken links). `timeout` bounds each socket operation, in seconds.
     """
+    size = None
     if isinstance(entry_or_url, Entry):
-        url, sha256 = entry_url(entry_or_url), sha256 or entry_or_url.sha256
+        url, sha256, size = entry_url(entry_or_url), sha256 or entry_or_url.sha256, entry_or_url.size
     else:
         url = entry_or_url
     dest = Path(dest)
@@ -153,6 +161,7 @@ def fetch(
         except BaseException:
             _remove_if_empty(partial)  # keep bytes worth resuming, not an empty husk
             raise
+        _check_size(f, partial, dest, size, url)
         _verify(got, f, partial, dest, sha256)
         f.flush()
         os.fsync(f.fileno())
@@ -289,6 +298,19 @@ def _copy(response: http.client.HTTPResponse, f: BinaryIO, digest: _Hasher, bar:
         bar.update(len(chunk))
     f.flush()
     return f.tell()
+
+
+def _check_size(f: BinaryIO, partial: Path, dest: Path, size: int | None, url: str) -> None:
+    """Check the finished download against the catalog's `size` (when known): a server that closes
+    the link without a Content-Length leaves no other sign of a cut-off body."""
+    got = _size(f)
+    if size is None or got == size:
+        return
+    if got < size:  # a prefix: kept, and resumed by the next attempt
+        raise DownloadError(url, f"the link closed after {got} of the catalog's {size} bytes", network=True)
+    f.close()
+    partial.unlink(missing_ok=True)
+    raise InputError(dest, f"the server sent {got} bytes where the catalog's file is {size}; the download was removed")
 
 
 def _verify(got: str, f: BinaryIO, partial: Path, dest: Path, sha256: str | None) -> None:

@@ -3,6 +3,7 @@ HTTP errors, checksum failures, the offline message and the progress bar."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -44,6 +45,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, BODY)
         elif mode == "badrange":
             self._partial(start=1) if self.headers.get("Range") else self._send(200, BODY)
+        elif mode == "nolength" and not self.headers.get("Range"):  # HTTP/1.0: the close ends the body
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(BODY[:HALF])
         elif mode == "drop" and self.path not in self.dropped:
             self.dropped.add(self.path)
             self._send(200, BODY, cut=HALF)
@@ -153,6 +158,34 @@ def test_dropped_connection_keeps_the_partial_for_the_next_run(server: str, tmp_
     assert (tmp_path / "file.npz.partial").read_bytes() == BODY[:HALF] and not dest.exists()
     fetch(f"{server}/drop/g.npz", dest, sha256=SHA, progress=False, timeout=5)
     assert dest.read_bytes() == BODY
+
+
+def test_a_body_cut_short_without_a_length_is_caught_by_the_catalog_size(server: str, tmp_path: Path) -> None:
+    entry = dataclasses.replace(lookup("BiT-M-R50x1-ILSVRC2012"), url=f"{server}/nolength/r50.npz", size=len(BODY))
+    dest = tmp_path / "file.npz"
+    with pytest.raises(DownloadError) as caught:
+        fetch(entry, dest, progress=False, timeout=5)
+    assert caught.value.network and str(caught.value) == (
+        f"{server}/nolength/r50.npz: the link closed after {HALF} of the catalog's {len(BODY)} bytes")
+    assert (tmp_path / "file.npz.partial").read_bytes() == BODY[:HALF] and not dest.exists()
+    assert fetch(entry, dest, progress=False, timeout=5).read_bytes() == BODY  # resumed
+    longer = dataclasses.replace(entry, url=f"{server}/range/r50.npz", size=len(BODY) - 1)
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'other.npz'}: the server sent {len(BODY)} bytes where the "
+                                         rf"catalog's file is {len(BODY) - 1}; the download was removed$"):
+        fetch(longer, tmp_path / "other.npz", progress=False, timeout=5)
+    assert not (tmp_path / "other.npz").exists() and not (tmp_path / "other.npz.partial").exists()
+
+
+def test_a_cached_file_of_the_wrong_size_is_not_taken_for_the_checkpoint(tmp_path: Path) -> None:
+    entry = dataclasses.replace(lookup("BiT-M-R50x1-ILSVRC2012"), size=len(BODY))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / entry.filename).write_bytes(BODY[:HALF])
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'cache' / entry.filename}: is {HALF} bytes where the "
+                                         rf"catalog's BiT-M-R50x1-ILSVRC2012 is {len(BODY)}: a cut-off or different "
+                                         "file; delete it to download again$"):
+        cached_path(entry)
+    (tmp_path / "cache" / entry.filename).write_bytes(BODY)
+    assert cached_path(entry) == tmp_path / "cache" / entry.filename
 
 
 def test_http_error_is_reported_and_leaves_nothing(server: str, tmp_path: Path) -> None:
@@ -315,3 +348,19 @@ def test_converting_a_cached_download_does_not_hash_it_again(tiny_npz: Path, mon
     assert main(["convert", "BiT-M-R50x1-ILSVRC2012", "--out", str(tmp_path / "out"), "--no-parity"]) == 0
     with safe_open(tmp_path / "out" / "model.safetensors", framework="numpy") as f:
         assert f.metadata()["source_sha256"] == true
+
+
+def test_parity_takes_a_catalog_name_like_convert(tiny_npz: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import shutil
+
+    from parityport.cli import main
+
+    cache_dir().mkdir(parents=True)
+    shutil.copy(tiny_npz, cache_dir() / "BiT-M-R50x1-ILSVRC2012.npz")
+    out = tmp_path / "out"
+    assert main(["convert", "BiT-M-R50x1-ILSVRC2012", "--out", str(out), "--no-parity"]) == 0
+    assert main(["parity", "BiT-M-R50x1-ILSVRC2012", str(out)]) == 0
+    assert "Verdict: **PASSED**" in capsys.readouterr().out
+    monkeypatch.setenv("PARITYPORT_BASE_URL", _closed_port_url())
+    assert main(["parity", "BiT-M-R101x1-ILSVRC2012", str(out)]) == 2  # not cached, and cannot be fetched
+    assert "BiT-M-R101x1-ILSVRC2012" in capsys.readouterr().err.splitlines()[-1]
