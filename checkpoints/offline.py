@@ -61,13 +61,21 @@ WRITERS: dict[str, Callable[[Entry, Path], None]] = {"bit": _bit, "data2vec1": _
                                                      "data2vec2": _data2vec2}
 
 
+STAND_IN_MARK = ".synthetic."  # in every stand-in's file name, NAME.synthetic.npz: it marks the weights as random
+
+
+def is_stand_in(path: str | Path) -> bool:
+    """Whether `path` names a synthetic stand-in written by `synthetic_stand_in`."""
+    return STAND_IN_MARK in Path(path).name
+
+
 def synthetic_stand_in(entry: Entry, folder: Path) -> Path:
     """Write (once) a synthetic file in `entry`'s exact original layout under `folder`."""
     writer = WRITERS.get(entry.family)
     if writer is None or entry.format not in ("npz", "pth", "pt"):
         raise InputError(None, f"no synthetic stand-in for {entry.name} ({entry.family}, {entry.format})")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{entry.name}.synthetic.{entry.format}"
+    path = folder / f"{entry.name}{STAND_IN_MARK}{entry.format}"
     if not path.exists():
         partial = path.with_name(path.name + ".partial")
         writer(entry, partial)

@@ -49,9 +49,20 @@ def _folder_facts(folder: Path) -> dict[str, Any]:
             "meta": read_metadata(folder), "weights": weight_files(folder)}
 
 
-def is_synthetic(parity: dict[str, Any] | None) -> bool:
-    """True when parity.json says the source was a synthetic stand-in (random values), not real weights."""
-    return any(str(note).startswith(_SYNTHETIC) for note in (parity or {}).get("notes", []))
+def is_synthetic(parity: dict[str, Any] | None, meta: dict[str, str] | None = None) -> bool:
+    """True when the source was a synthetic stand-in (random values), not real weights: parity.json's
+    first note says so, or the weights' metadata names a stand-in's file (a folder converted by
+    path, or with --no-parity, has only that)."""
+    from checkpoints.offline import is_stand_in
+
+    return (any(str(note).startswith(_SYNTHETIC) for note in (parity or {}).get("notes", []))
+            or is_stand_in((meta or {}).get("source_file") or ""))
+
+
+def folder_is_synthetic(folder: Path) -> bool:
+    """`is_synthetic` for a converted folder."""
+    facts = _folder_facts(Path(folder))
+    return is_synthetic(facts["parity"], facts["meta"])
 
 
 def catalog_entry(source_file: str | None, source_sha256: str | None = None) -> Entry | None:
@@ -62,7 +73,9 @@ def catalog_entry(source_file: str | None, source_sha256: str | None = None) -> 
     """
     from checkpoints.catalog import load_catalog
 
-    name = (source_file or "").replace(".synthetic.", ".")
+    from checkpoints.offline import STAND_IN_MARK
+
+    name = (source_file or "").replace(STAND_IN_MARK, ".")
     entries = list(load_catalog().values())
     for matches in ([e for e in entries if source_sha256 and e.sha256 == source_sha256],
                     [e for e in entries if e.filename == name],
@@ -80,7 +93,7 @@ def folder_catalog_entry(folder: Path) -> tuple[Entry | None, bool]:
     except InputError:
         return None, False
     meta = facts["meta"]
-    return catalog_entry(meta.get("source_file"), meta.get("source_sha256")), is_synthetic(facts["parity"])
+    return catalog_entry(meta.get("source_file"), meta.get("source_sha256")), is_synthetic(facts["parity"], meta)
 
 
 CATALOG_RESIZE = {"shortest_edge": "shorter", "squash": "squash"}  # the catalog's resize names -> parity.protocols'
@@ -186,7 +199,7 @@ def eval_results(evals: Sequence[dict[str, Any]], entry: Entry | None) -> list:
         if published is not None:
             results.append(EvalResult(**common, metric_type="accuracy", metric_config="top-1",
                                       metric_value=published.top1,
-                                      metric_name=f"top-1 accuracy (published: {published.source})"))
+                                      metric_name=f"top-1 accuracy (published: {published.cited})"))
     return results
 
 
@@ -267,7 +280,7 @@ def _accuracy(evals: Sequence[dict[str, Any]], entry) -> list[str]:
         published = _published_for(entry, result)
         rows.append((result.get("protocol"), result.get("images"), f"{float(result['top1']):.3f}",
                      f"{float(result['top5']):.3f}" if result.get("top5") is not None else "n/a",
-                     f"{published.top1:g} ({published.source})" if published else "none catalogued",
+                     f"{published.top1:g} ({published.cited})" if published else "none catalogued",
                      result.get("device", "?")))
     return ["## ImageNet-1k validation accuracy", "",
             "Measured on this folder with `parityport eval --json`, beside the published figure "
@@ -353,7 +366,7 @@ def model_card(folder: Path, evals: list[dict], command: str | None, model_id: s
     entry = catalog_entry(meta.get("source_file"), meta.get("source_sha256"))
     name = entry.name if entry else Path(meta.get("source_file") or folder.name).stem
     architecture = (facts["config"].get("architectures") or ["?"])[0]
-    synthetic = is_synthetic(facts["parity"])
+    synthetic = is_synthetic(facts["parity"], meta)
     remote = "auto_map" in facts["config"]
     lines = [f"# {name}: transformers `{architecture}`", "",
              f"The original {meta.get('family', '')} checkpoint `{meta.get('source_file', '?')}` converted "

@@ -181,9 +181,9 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise CheckFailed(f"{folder}: verification FAILED: {problems[0]}"
                           + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    from parity.card import is_synthetic
+    from parity.card import folder_is_synthetic
 
     synthetic = "; its weights are a SYNTHETIC stand-in (random values), not the published checkpoint"
     print(f"{folder}: verified (checksums, parity record, strict load, finite logits on the photo)"
-          + (synthetic if is_synthetic(read_parity(folder)) else ""))
+          + (synthetic if folder_is_synthetic(folder) else ""))
     return 0

@@ -60,10 +60,12 @@ def _progress(total_bytes: int, label: str):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from checkpoints.offline import is_stand_in
     from converters.digest import hash_in_background, identity
 
     dest = Path(args.out)
     src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
+    synthetic = synthetic or is_stand_in(src)  # a stand-in given by its path is no less random
     # First, before numpy loads: the output's hash waits for this one (hashlib releases the GIL).
     source = identity(src)
     digest = hash_in_background(src, known)
@@ -166,9 +168,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     if not (folder / "config.json").is_file():
         raise InputError(folder, "not a converted folder (no config.json)")
-    checkpoint = open_isolated(Path(args.src))
+    src, _, _ = resolve_source(args.src, False, folder.parent)  # a file, or a catalog name's cached file
+    checkpoint = open_isolated(src)
     _, conversion = convert_checkpoint(checkpoint)
-    _check_same_tensors(conversion, folder, Path(args.src))
+    _check_same_tensors(conversion, folder, src)
 
     report = verify_conversion(checkpoint, conversion, folder, _stored_dtype(folder))
     print(report_markdown(report))
@@ -230,7 +233,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("parity", help="re-run the layer-by-layer comparison of SRC and DIR")
-    p.add_argument("src")
+    p.add_argument("src", help="the original checkpoint: a file or a catalog name (parityport catalog)")
     p.add_argument("dir")
     p.set_defaults(run=cmd_parity)
 

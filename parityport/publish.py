@@ -164,8 +164,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Publish DIR (or with --dry-run, print what would be published)."""
-    from parity.card import CARD_FILE, is_synthetic
-    from parity.verify import SUMS_FILE, read_parity
+    from parity.card import CARD_FILE, folder_is_synthetic
+    from parity.verify import SUMS_FILE
 
     folder = Path(args.dir)
     if not _REPO_ID.fullmatch(args.repo_id):
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     operations = commit_operations(files)
     print(f"{'dry run: ' if args.dry_run else ''}{folder} -> {args.repo_id}")
     print(describe(operations))
-    synthetic = is_synthetic(read_parity(folder))
+    synthetic = folder_is_synthetic(folder)
     if synthetic:
         print("note: SYNTHETIC weights (random values in the original layout): an upload is refused")
     if args.dry_run:

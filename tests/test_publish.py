@@ -431,6 +431,21 @@ def test_synthetic_weights_are_listed_but_never_uploaded(folder, tmp_path, monke
         "SYNTHETIC stand-in (random values), not the published checkpoint")
 
 
+@pytest.mark.parametrize("parity", [True, False])
+def test_a_stand_in_converted_by_its_path_is_still_synthetic(npz, tmp_path, monkeypatch, capsys, parity):
+    _no_token(monkeypatch, tmp_path)
+    stand_in = Path(shutil.copy(npz, tmp_path / f"{CATALOG_NAME}.synthetic.npz"))
+    out = tmp_path / "out"
+    assert main(["convert", str(stand_in), "--out", str(out)] + ([] if parity else ["--no-parity"])) == 0
+    assert "SYNTHETIC weights" in capsys.readouterr().err
+    assert "Not the published weights" in (out / "README.md").read_text()
+    assert main(["publish", str(out), "--repo-id", "me/tiny", "--token", "hf_test"]) == (2 if parity else 1)
+    if parity:
+        assert "SYNTHETIC" in last_line(capsys.readouterr().err)
+        assert main(["verify", str(out)]) == 0
+        assert "SYNTHETIC stand-in" in capsys.readouterr().out
+
+
 def test_remote_code_models_get_trust_remote_code_in_the_snippet():
     from parity.card import usage_snippet
 
