@@ -72,6 +72,11 @@ class Published:
     source: str
     confirmed: bool
 
+    @property
+    def cited(self) -> str:
+        """The source, marked "(unconfirmed)" where the figure is not confirmed, wherever it is shown."""
+        return self.source + ("" if self.confirmed else " (unconfirmed)")
+
 
 @dataclass(frozen=True)
 class License:
@@ -334,5 +339,4 @@ def _table_row(entry: Entry) -> tuple[str, str, str, str, str, str]:
         return (entry.name, entry.family, fmt, classes, "-", "-")
     first = entry.published[0]
     top1 = f"{first.top1:g}" + (f" @{first.image_size}" if first.image_size else "")
-    source = first.source + ("" if first.confirmed else " (unconfirmed)")
-    return (entry.name, entry.family, fmt, classes, top1, source)
+    return (entry.name, entry.family, fmt, classes, top1, first.cited)

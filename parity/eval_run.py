@@ -667,7 +667,7 @@ def _add_published(results: list[dict[str, Any]], model_dir: Path) -> None:
     for result in results:
         if (figure := published_figure(entry, result["protocol_spec"])) is not None:
             result["published"] = {"top1": figure.top1, "protocol": figure.protocol, "dataset": figure.dataset,
-                                   "source": figure.source, "catalog_entry": entry.name,
+                                   "source": figure.cited, "catalog_entry": entry.name,
                                    "gap": result["top1"] - figure.top1, "synthetic_weights": synthetic}
 
 

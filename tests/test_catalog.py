@@ -168,3 +168,13 @@ def test_nested_and_duplicate_errors(tmp_path: Path) -> None:
         load_catalog(_write(tmp_path, [bad]))
     with pytest.raises(InputError, match="duplicate catalog name 'BiT-M-R50x1-ILSVRC2012'"):
         load_catalog(_write(tmp_path, [_raw(), _raw()]))
+
+
+def test_an_unconfirmed_figure_is_cited_as_such():
+    from dataclasses import replace
+
+    from checkpoints.catalog import load_catalog
+
+    figure = next(p for e in load_catalog().values() for p in e.published if p.confirmed)
+    assert figure.cited == figure.source
+    assert replace(figure, confirmed=False).cited == f"{figure.source} (unconfirmed)"
