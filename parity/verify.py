@@ -95,13 +95,17 @@ def code_problems(folder: Path) -> list[str]:
 
 
 def load_strict(folder: Path):
-    """Load with AutoModelForImageClassification; returns (model, problems naming bad keys)."""
+    """Load as its users do: AutoModelForImageClassification, or AutoModel for an encoder without a
+    head; returns (model, problems naming bad keys)."""
     import torch
-    from transformers import AutoModelForImageClassification
+    from transformers import AutoModel, AutoModelForImageClassification
 
-    remote = "auto_map" in _config(folder)
-    model, info = AutoModelForImageClassification.from_pretrained(
-        str(folder), trust_remote_code=remote, dtype=torch.float32, output_loading_info=True)
+    from parity.card import is_classifier
+
+    config = _config(folder)
+    loader = AutoModelForImageClassification if is_classifier(config) else AutoModel
+    model, info = loader.from_pretrained(
+        str(folder), trust_remote_code="auto_map" in config, dtype=torch.float32, output_loading_info=True)
     problems = [f"weights: {kind.replace('_', ' ')}: {sorted(map(str, keys))[:5]}"
                 for kind, keys in info.items() if keys]
     return model.eval(), problems
@@ -124,7 +128,8 @@ def _recorded_logits_shape(report: dict[str, Any], size: tuple[int, int]) -> lis
 
 
 def smoke_problems(folder: Path, model, report: dict[str, Any]) -> list[str]:
-    """Run the standard photo through `model`: logits must be finite and of the recorded shape."""
+    """Run the standard photo through `model`: logits must be finite and of the recorded shape (an
+    encoder's features finite and of its hidden size)."""
     import torch
 
     from parity.inputs import standard_inputs
@@ -135,7 +140,14 @@ def smoke_problems(folder: Path, model, report: dict[str, Any]) -> list[str]:
     inputs = standard_inputs([size], preprocessor.get("image_mean", [0.5] * 3), preprocessor.get("image_std", [0.5] * 3))
     photo = next(i for i in inputs if i.name.startswith("photo"))
     with torch.no_grad():
-        logits = model(pixel_values=torch.from_numpy(photo.pixels)).logits
+        output = model(pixel_values=torch.from_numpy(photo.pixels))
+    if not hasattr(output, "logits"):  # an encoder: its features, one vector of hidden_size per token
+        features = output.last_hidden_state
+        problems = [] if torch.isfinite(features).all() else [f"features: non-finite values on {photo.name}"]
+        if features.shape[-1] != model.config.hidden_size:
+            problems.append(f"features: width {features.shape[-1]}, config.json says {model.config.hidden_size}")
+        return problems
+    logits = output.logits
     expected = _recorded_logits_shape(report, size) or [1, model.config.num_labels]
     problems = []
     if list(logits.shape) != list(expected):
@@ -181,9 +193,10 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise CheckFailed(f"{folder}: verification FAILED: {problems[0]}"
                           + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    from parity.card import folder_is_synthetic
+    from parity.card import folder_is_synthetic, is_classifier
 
     synthetic = "; its weights are a SYNTHETIC stand-in (random values), not the published checkpoint"
-    print(f"{folder}: verified (checksums, parity record, strict load, finite logits on the photo)"
+    outputs = "logits" if is_classifier(_config(folder)) else "features"
+    print(f"{folder}: verified (checksums, parity record, strict load, finite {outputs} on the photo)"
           + (synthetic if folder_is_synthetic(folder) else ""))
     return 0

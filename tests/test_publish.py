@@ -475,6 +475,9 @@ def test_an_encoder_card_loads_automodel_and_its_snippet_runs(tmp_path, monkeypa
     capsys.readouterr()
     exec(compile(snippet, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "torch.Size([1, 17, 64])"
+    assert main(["verify", str(out)]) == 0  # loaded as an encoder, with no head to miss
+    assert capsys.readouterr().out.strip().endswith(
+        "verified (checksums, parity record, strict load, finite features on the photo)")
 
 
 @pytest.mark.parametrize("version", ["1.0", "2.0"])
@@ -512,3 +515,18 @@ def test_data2vec_pipeline_top5_equals_the_source_reference_on_the_photo(tmp_pat
     id2label = classify.model.config.id2label
     assert got == [id2label[int(i)] for i in np.argsort(-logits)[:5]]
     assert got[0] != "LABEL_0" and len(id2label) == 1000  # ImageNet labels in the folder
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_verify_loads_a_data2vec2_encoder_through_its_shipped_code(tmp_path, capsys, pretrained):
+    from checkpoints import synthetic_data2vec as synth
+    from reference.data2vec2_torch import Data2Vec2Config
+
+    config = Data2Vec2Config(dim=32, depth=2, prenet_depth=1, heads=2, mlp_hidden=64, patch=16, image=32,
+                             num_classes=0 if pretrained else 10)
+    src = synth.write_d2v2_fairseq(tmp_path / "m.pt", synth.d2v2_state_dict(config, seed=0, finetuned=not pretrained),
+                                   synth.d2v2_cfg(config))
+    assert main(["convert", str(src), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "out")]) == 0
+    assert f"finite {'features' if pretrained else 'logits'} on the photo" in capsys.readouterr().out
