@@ -72,7 +72,6 @@ def catalog_entry(source_file: str | None, source_sha256: str | None = None) -> 
     it copies; the card then says plainly that the weights are not the real ones.
     """
     from checkpoints.catalog import load_catalog
-
     from checkpoints.offline import STAND_IN_MARK
 
     name = (source_file or "").replace(STAND_IN_MARK, ".")
