@@ -282,13 +282,17 @@ def test_scratch_mappings_are_reused_only_once_no_array_views_them():
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nonfinite_found_in_every_float_width(tmp_path, dtype, bad):
-    """float16 is checked through its bits, wider floats through their sum: both see every position."""
-    values = np.full((1 << 20) + 3, 65504.0, dtype)  # float16's largest finite value, everywhere
-    write_safetensors(tmp_path / "ok.safetensors", {"w": LazyTensor.of(values)}, dtype=None)
+@pytest.mark.parametrize("out", [None, "float16", "bfloat16"])
+@pytest.mark.parametrize("order", ["C", "transposed"])
+def test_nonfinite_found_in_every_float_width(tmp_path, dtype, bad, out, order):
+    """float16 is checked through its bits, wider floats through their sum or, written as a half type,
+    their max and min: each sees every position, in a view of any order."""
+    values = np.full((1 << 20) + 4, 65504.0, dtype)  # float16's largest finite value, everywhere
+    view = (lambda v: v) if order == "C" else (lambda v: v.reshape(4, -1).T)
+    write_safetensors(tmp_path / "ok.safetensors", {"w": LazyTensor.of(view(values))}, dtype=out)
     values[[0, (1 << 19) + 1, -1]] = bad
     with pytest.raises(InputError, match=r"^w: 3 non-finite values \(NaN or Inf\)"):
-        write_safetensors(tmp_path / "m.safetensors", {"w": LazyTensor.of(values)}, dtype=None)
+        write_safetensors(tmp_path / "m.safetensors", {"w": LazyTensor.of(view(values))}, dtype=out)
 
 
 def test_a_write_error_found_at_the_end_still_ends_both_threads(tmp_path, monkeypatch):
