@@ -477,6 +477,24 @@ def test_a_run_stopped_by_an_error_leaves_no_thread_or_worker_behind(tmp_path, f
     assert threads() <= before
 
 
+@pytest.mark.parametrize("precision", ["auto", "bf16-pure"])
+def test_the_fast_path_predicts_what_the_faithful_path_does(tmp_path, folders, precision):
+    """On a model whose outputs depend on the pixels (random weights, well separated logits), the fast
+    path's decode, resize and arithmetic must keep the faithful path's predictions."""
+    from transformers import AutoModelForImageClassification
+
+    model = make_bit(tmp_path / "rand", 1000, seed=5)
+    m = AutoModelForImageClassification.from_pretrained(model)
+    with torch.no_grad():
+        head = torch.nn.init.normal_(m.classifier[1].weight, std=5.0)
+        head.sub_(head.mean(0))  # without the direction all classes share, the winner varies with the image
+    m.save_pretrained(model)
+    faithful = _eval(model, folders)
+    fast = _eval(model, folders, fast=True, precision=precision)
+    assert len(set(faithful["predictions"])) > 2  # the check means something only if predictions vary
+    assert prediction_agreement(faithful, fast)["agreement"] >= 90.0, (faithful["predictions"], fast["predictions"])
+
+
 @pytest.mark.parametrize("precision", ["bf16-pure", "fp16-pure"])
 def test_pure_half_fast_path_end_to_end(bit_class1, odd_images, precision):
     result = _eval(bit_class1, odd_images, fast=True, precision=precision)
@@ -539,13 +557,15 @@ def test_jpeg_header_routing(odd_images):
 # ---- command line ------------------------------------------------------------------------------
 
 
-def test_bad_layout_exits_2(tmp_path, bit_class1, capsys):
+def test_bad_layout_exits_2(tmp_path, bit_class1, folders, capsys):
     flat = tmp_path / "flat"
     make_flat(flat, [0, 1])  # flat files but no ground truth: no layout matches
     assert main(["--model", str(bit_class1), "--data", str(flat), "--device", "cpu", "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "expected one of" in err and "ILSVRC2012_validation_ground_truth.txt" in err and "class subfolders" in err
-    assert main(["--model", str(tmp_path), "--data", str(flat), "--device", "cpu"]) == 2
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path), "--data", str(folders), "--device", "cpu"]) == 2
+    assert "not a model folder" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_a_checkpoint_file_as_model_or_a_gpu_decoder_on_cpu_exit_2(tmp_path, bit_class1, folders, capsys):

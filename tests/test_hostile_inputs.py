@@ -64,8 +64,9 @@ def test_npz_object_dtype_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("descr", [[("a", "<f4"), ("b", "|O")], "|V2", "<U3", "<M8[s]"])
 def test_npz_non_numeric_dtypes_refused(tmp_path: Path, descr) -> None:
-    with pytest.raises(InputError, match="x.npy"):
-        read_npz(_zip(tmp_path / "d.npz", {"x.npy": _npy_bytes((1,), descr)}))
+    payload = b"\0" * np.dtype(descr).itemsize  # the right size: only the dtype is wrong
+    with pytest.raises(InputError, match=r"member 'x\.npy' has (unsupported dtype|an object dtype)"):
+        read_npz(_zip(tmp_path / "d.npz", {"x.npy": _npy_bytes((1,), descr, payload)}))
 
 
 @pytest.mark.parametrize("shape", [(10**12,), (3,), (5,), (2, 2, 2)])

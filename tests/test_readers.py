@@ -52,7 +52,22 @@ def torch_values(obj, name: str):
     return obj
 
 
+def torch_paths(obj, prefix: str = "") -> set[str]:
+    """The dotted path of every tensor in a saved object (dict keys, list and tuple positions)."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix}
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return set()
+    return set().union(*(torch_paths(value, f"{prefix}.{key}" if prefix else str(key)) for key, value in items))
+
+
 def assert_torch_equal(checkpoint, original) -> None:
+    """Every tensor saved is read (none dropped, none added), each with the saved values."""
+    assert set(checkpoint.tensors) == torch_paths(original)
     for name, lazy in checkpoint.tensors.items():
         ref = torch_values(original, name).detach()
         expected = ref.float().numpy() if ref.dtype == torch.bfloat16 else ref.numpy()
