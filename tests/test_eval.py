@@ -507,7 +507,10 @@ def test_hub_and_timm_protocols(bit_class1):
     assert transform(_image(1)).shape == (3, 32, 32)
     timm, transform = protocols.resolve_protocol(bit_class1, "timm")
     assert timm.name.startswith("timm:resnetv2_") and timm.image_size == 32 and timm.resize_side == 36
-    assert transform(_image(1)).shape == (3, 32, 32)
+    image = _image(1)  # 48x40: shorter side to 36 bilinear (43x36), centre crop 32, BiT's mean and std 0.5
+    resized = np.asarray(image.resize((43, 36), Image.BILINEAR), np.float32)[2:34, 6:38] / 255
+    expected = torch.from_numpy((resized - 0.5) / 0.5).permute(2, 0, 1)
+    assert image.size == (48, 40) and (transform(image) - expected).abs().max() <= 1 / 127.5  # one uint8 step
     assert protocols.TIMM_PEERS["bit"]({"depths": [3, 4, 6, 3], "hidden_sizes": [256]}) == "resnetv2_50x1_bit.goog_in21k_ft_in1k"
 
 
