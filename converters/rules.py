@@ -20,13 +20,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from converters.errors import InputError
-from converters.tensors import LazyTensor
+from converters.tensors import SAFETENSORS_TAGS, LazyTensor
 
-# The dtypes safetensors files are written in (converters/writer.py's tags; bfloat16 sources are
-# read as float32). A converted tensor of any other dtype (uint16-64, complex) is refused here,
-# naming it, rather than when the writer meets it.
-CONVERTIBLE_DTYPES = frozenset(np.dtype(n) for n in (
-    "float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"))
+# A converted tensor of any other dtype (uint16-64, complex) is refused here, naming it, rather
+# than when the writer meets it.
+CONVERTIBLE_DTYPES = frozenset(SAFETENSORS_TAGS)
 
 # ----------------------------------------------------------------------------
 # Templates: "{name}" digits, "{name:02d}" zero-padded digits, "{name:w}" a word

@@ -14,6 +14,12 @@ import numpy as np
 
 from converters.errors import InputError
 
+# The dtypes parityport writes into safetensors files, with the format's tags (bfloat16 sources are
+# read as float32). The writer encodes these; the rules refuse any other dtype by name first.
+SAFETENSORS_TAGS = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                    np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
+                    np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
+
 
 @dataclass(frozen=True)
 class LazyTensor:

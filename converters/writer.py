@@ -27,13 +27,11 @@ import numpy as np
 from converters import memory
 from converters.digest import remember, sha256_file
 from converters.errors import InputError
-from converters.tensors import LazyTensor
+from converters.tensors import SAFETENSORS_TAGS, LazyTensor
 
 # numpy dtype → safetensors dtype tag. bfloat16 has no numpy dtype: it is
 # produced from float32 with integer arithmetic (`to_bfloat16`) and written as raw 2-byte words.
-_TAGS = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-         np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
-         np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
+_TAGS = SAFETENSORS_TAGS
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 _CHUNK = 16 << 20  # bytes cast and written at a time, beside the one loaded tensor
 _TILE = 16         # source rows per transposed tile: one 64-byte cache line of float32 per output row
