@@ -42,11 +42,12 @@ import numpy as np
 import torch
 
 from converters.errors import InputError
-from parity.eval_data import (DECODERS, BytesDataset, EvalSet, PILDataset, collate_packed, find_eval_set, imagenet1k_wnids,
+from parity.eval_args import DECODERS, at_least
+from parity.eval_args import PRECISIONS as FAST_PRECISIONS
+from parity.eval_data import (BytesDataset, EvalSet, PILDataset, collate_packed, find_eval_set, imagenet1k_wnids,
                                resolve_labels)
 from parity.eval_decode import JPEG_DECODERS, check_decoder, decode_batch
-from parity.eval_run import PRECISIONS as FAST_PRECISIONS
-from parity.eval_run import (_fast_batches, _progress, _settings, at_least, evaluate, fast_model, load_model, logits,
+from parity.eval_run import (_fast_batches, _progress, _settings, evaluate, fast_model, load_model, logits,
                              prediction_agreement, worker_context)
 from parity.protocols import Protocol, resolve_protocol
 

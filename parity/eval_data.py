@@ -44,6 +44,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from converters.errors import InputError
+from parity.eval_args import DECODERS
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
@@ -450,7 +451,6 @@ class BytesDataset(Dataset):
         return out
 
 
-DECODERS = ("gpu", "nvimgcodec", "cpu")  # where fast-path JPEGs are decoded: parity/eval_decode.py
 
 
 def _libjpeg(data: bytes, path: Path) -> torch.Tensor:

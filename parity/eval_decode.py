@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 from converters.errors import InputError
-from parity.eval_data import DECODERS, unpack
+from parity.eval_args import DECODE_CHOICES, DECODERS
+from parity.eval_data import unpack
 
 NVIMGCODEC_INSTALL = ('pip install "nvidia-nvimgcodec-cu13[nvjpeg]" (or -cu12 for a CUDA 12 build of torch; '
                       '"parityport[nvimgcodec]" from this project)')
 
-DECODE_CHOICES = ("auto", *DECODERS)  # what `--decode` accepts
 _NVIMGCODEC_LOCK = threading.Lock()
 Decoded = list["torch.Tensor | Exception"]
 

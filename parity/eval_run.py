@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from converters.errors import InputError, UsageParser
+from parity.eval_args import HALF_NAMES, PRECISIONS, add_eval_arguments
 from parity.eval_data import (
     BytesDataset,
     EncodedDataset,
@@ -46,8 +47,8 @@ from parity.eval_data import (
     find_eval_set,
     resolve_labels,
 )
-from parity.eval_decode import DECODE_CHOICES, decode_batch, resolve_decoder
-from parity.protocols import PROTOCOL_NAMES, Protocol, batch_transform, resolve_protocol
+from parity.eval_decode import decode_batch, resolve_decoder
+from parity.protocols import Protocol, batch_transform, resolve_protocol
 
 MAX_FAILURES_LISTED = 100
 
@@ -273,8 +274,7 @@ def _settings(fast: bool, device: torch.device) -> None:
 # range ends at 65504 (`Scorer` scores a batch that overflows again in TF32). So BiT stays TF32 for
 # now; other model types take bf16 autocast.
 FAST_PRECISION = {"bit": "tf32", "data2vec-vision": "bf16-pure"}
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the half types and their names in PRECISIONS
-PRECISIONS = ("auto", *HALF, *(f"{name}-pure" for name in HALF), "tf32")
+HALF = dict(zip(HALF_NAMES, (torch.bfloat16, torch.float16)))  # the half types named in PRECISIONS
 
 
 def fast_precision(requested: str, model_type: str, device: torch.device | None = None) -> str:
@@ -330,7 +330,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
 
     `fast=None` picks the fast GPU pipeline on CUDA and the faithful one elsewhere; `fast=True`
     off CUDA runs the same pipeline with CPU decode (for tests). On the fast path `decode`
-    says where JPEGs are decoded (`eval_decode.DECODERS`: "gpu", torchvision's nvJPEG in
+    says where JPEGs are decoded (`eval_args.DECODERS`: "gpu", torchvision's nvJPEG in
     batches; "nvimgcodec", nvImageCodec with libjpeg's chroma upsampling; "cpu", libjpeg-turbo
     in the workers, PIL's exact pixels; "auto", `eval_decode.resolve_decoder`, whose note
     lands in decode_note), `precision` its arithmetic (`fast_precision`) and `producers` how
@@ -348,6 +348,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     if Path(model_dir).is_file():
         raise InputError(model_dir, "is a file, not a converted folder; convert it first: "
                                     "parityport convert FILE --out DIR, then --model DIR")
+    if not Path(model_dir).is_dir():
+        raise InputError(model_dir, "no such folder; --model is a folder parityport convert wrote")
     torch_device = torch.device(device)
     rank, world = _world(torch_device.type)
     torch_device = _rank_device(torch_device, rank, world)
@@ -560,68 +562,6 @@ def prediction_agreement(run_a: dict[str, Any], run_b: dict[str, Any]) -> dict[s
 # ---- command line ------------------------------------------------------------------------------
 
 
-def at_least(minimum: int | float, kind: Callable[[str], Any] = int) -> Callable[[str], Any]:
-    """An argparse type: a `kind` number not below `minimum`; argparse exits 2 naming the option otherwise."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value >= minimum:  # NaN is at least nothing
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text}")
-        return value
-
-    return parse
-
-
-def percent(text: str) -> float:
-    """An argparse type: a top-1 in percent, from 0 to 100 (NaN, which every gap would be within, is refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"a top-1 in percent is from 0 to 100, not {text}")
-    return value
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `parityport eval`'s options to a (sub)parser."""
-    parser.add_argument("--model", required=True, help="converted model folder (config.json + weights)")
-    parser.add_argument("--data", required=True, help="validation folder (class subfolders, ILSVRC2012 flat + devkit, or LOC csv)")
-    parser.add_argument("--protocol", nargs="+", choices=PROTOCOL_NAMES, default=["original"], metavar="PROTOCOL",
-                        help=f"preprocessing, of {', '.join(PROTOCOL_NAMES)} (default: original); several are "
-                             "evaluated in turn and shown side by side, and --expect is about the first")
-    parser.add_argument("--expect", type=percent, help="expected top-1 (percent); exit 1 when off by more than --tolerance")
-    parser.add_argument("--tolerance", type=at_least(0.0, float), default=0.1, help="allowed |top1 - expect| in points (default 0.1)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--batch-size", type=at_least(1), default=128)
-    parser.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1), help="DataLoader workers")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--fast", dest="fast", action="store_true", default=None, help="GPU decode, bf16 or TF32 (default on CUDA)")
-    group.add_argument("--faithful", dest="fast", action="store_false", help="exact protocol transforms, fp32")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (fast path; the last batch is padded to one shape). Compiling "
-                             "took 15-21 s on an H200 (2-3 s from inductor's on-disk cache) and counts in images/s: it pays "
-                             "on long runs")
-    parser.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
-                        help="fast path: decode JPEGs on the GPU with NVIDIA nvImageCodec (nvimgcodec: libjpeg's "
-                             "chroma upsampling; a separate install) or with "
-                             "torchvision's nvJPEG (gpu: repeats chroma samples, so its pixels are not PIL's), or in "
-                             "the workers (cpu: libjpeg-turbo, PIL's exact pixels, for predictions identical to the "
-                             "faithful path's); auto (default): nvimgcodec when installed, else gpu, with a note")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="fast path arithmetic: bf16 or fp16 autocast, bf16-pure or fp16-pure (weights and "
-                             "activations stored in that type), or TF32 (auto: TF32 for BiT, bf16-pure for data2vec "
-                             "1.0, bf16 otherwise, and fp16 for bf16 on GPUs older than Ampere); fp16 is 8x finer "
-                             "than bf16 but ends at 65504: a batch whose activations overflow it is scored again in "
-                             "TF32, and the summary says how many were")
-    parser.add_argument("--limit", type=at_least(1), help="evaluate an evenly strided subset of this many images")
-    parser.add_argument("--json", type=Path, help="write the result (top1, top5, images, images_per_s, ...) here; with "
-                             "several protocols {protocols, runs: {protocol: result}, side_by_side: [...]}")
-    parser.add_argument("--agree-with", type=Path, help="a previous --json result to compare predictions with")
-
-
 def _check_device(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(None, "--device cuda but CUDA is not available here; use --device cpu")
@@ -635,6 +575,8 @@ def _check_device(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Run `parityport eval` from parsed arguments; return the exit code (0 ok, 1 --expect missed, 2 bad input)."""
     try:
+        if args.device is None:
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         _check_device(args)
         if args.json:  # before the evaluation, which can take hours: its result must have somewhere to go
             _check_destination(args.json)

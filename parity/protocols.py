@@ -57,14 +57,12 @@ from PIL import Image
 from torchvision import transforms as T
 
 from converters.errors import InputError
+from parity.eval_args import PROTOCOL_NAMES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)  # maps [0, 1] to [-1, 1]
 INCEPTION_STD = (0.5, 0.5, 0.5)
-
-PROTOCOL_NAMES = ("original", "hub", "timm")
-
 
 @dataclass(frozen=True)
 class Protocol:

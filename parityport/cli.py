@@ -245,26 +245,33 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-# Commands whose modules define their own arguments: (name, module, add-arguments, run, help).
-# A module is imported only when its command runs (eval imports torch at module level), so
-# `convert` and `--help` never pay for it.
+# Commands defined elsewhere: (name, help, the module:function adding its arguments, the module:function
+# running it). A module is imported only when its command is chosen, and the one that runs only after
+# the arguments parse (eval's imports torch, about 4 s), so `convert`, `--help` and a usage error never
+# pay for it.
 COMMANDS = [
-    ("eval", "parity.eval_run", "add_eval_arguments", "run_eval", "ImageNet top-1 of a converted folder"),
-    ("verify", "parity.verify", "add_arguments", "run", "check a folder's checksums, load and parity record"),
-    ("publish", "parityport.publish", "add_arguments", "run", "upload a verified folder to the Hugging Face Hub"),
+    ("eval", "ImageNet top-1 of a converted folder", "parity.eval_args:add_eval_arguments", "parity.eval_run:run_eval"),
+    ("verify", "check a folder's checksums, load and parity record", "parity.verify:add_arguments", "parity.verify:run"),
+    ("publish", "upload a verified folder to the Hugging Face Hub", "parityport.publish:add_arguments",
+     "parityport.publish:run"),
 ]
 
 
-def _add_optional_commands(sub, argv: list[str] | None) -> None:
+def _function(where: str):
+    """The function named "module:function", importing its module."""
     import importlib
 
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _add_optional_commands(sub, argv: list[str] | None) -> None:
     chosen = _command_name(sys.argv[1:] if argv is None else argv)
-    for name, module, add, run, help_text in COMMANDS:
+    for name, help_text, add, run in COMMANDS:
         p = sub.add_parser(name, help=help_text)
         if name == chosen:
-            mod = importlib.import_module(module)
-            getattr(mod, add)(p)
-            p.set_defaults(run=getattr(mod, run))
+            _function(add)(p)
+            p.set_defaults(run=lambda args, run=run: _function(run)(args))
 
 
 def _command_name(argv: list[str]) -> str | None:

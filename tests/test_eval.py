@@ -6,6 +6,8 @@ import dataclasses
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -742,12 +744,15 @@ def test_bad_layout_exits_2(tmp_path, bit_class1, folders, capsys):
     assert "not a model folder" in capsys.readouterr().err.splitlines()[-1]
 
 
-def test_a_checkpoint_file_as_model_or_a_gpu_decoder_on_cpu_exit_2(tmp_path, bit_class1, folders, capsys):
+def test_a_model_that_is_no_folder_or_a_gpu_decoder_on_cpu_exit_2(tmp_path, bit_class1, folders, capsys):
     npz = tmp_path / "R50x1.npz"
     npz.write_bytes(b"PK")
     assert main(["--model", str(npz), "--data", str(folders), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip() == (f"parityport eval: error: {npz}: is a file, not a converted folder; "
                                                "convert it first: parityport convert FILE --out DIR, then --model DIR")
+    assert main(["--model", str(tmp_path / "missing"), "--data", str(folders), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (f"parityport eval: error: {tmp_path / 'missing'}: no such folder; "
+                                               "--model is a folder parityport convert wrote")
     assert main(["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--decode", "nvimgcodec"]) == 2
     assert capsys.readouterr().err.strip() == ("parityport eval: error: --decode nvimgcodec is the fast path's, on a CUDA "
                                                "device; on cpu the faithful path decodes with PIL")
@@ -767,6 +772,19 @@ def test_bad_numbers_exit_2_naming_the_option(bit_class1, folders, capsys, optio
     assert caught.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"parityport eval: error: argument {option}: {problem} "
                                                     "(see parityport eval --help)"]
+
+
+@pytest.mark.parametrize("argv, code, stream", [(["--expect", "101"], 2, "stderr"), (["--help"], 0, "stdout")])
+def test_usage_errors_and_help_answer_without_importing_torch(argv, code, stream):
+    """The eval command's options live in parity/eval_args.py: a usage error or --help never waits
+    about 4 s for torch and transformers."""
+    script = ("import sys\nfrom parityport.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    print('exit', e.code, 'torch' in sys.modules, 'PIL' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script, "eval", "--model", "m", "--data", "d", *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stderr.splitlines()[-1] == f"exit {code} False False"
+    expected = ("a top-1 in percent is from 0 to 100, not 101" if code else "usage: parityport eval")
+    assert expected in getattr(done, stream)
 
 
 def test_expect_and_json(tmp_path, bit_class1, folders, capsys):
