@@ -34,7 +34,8 @@ LOCK_SUFFIX = ".lock"  # `.NAME.partial-XXXX.lock`: held by the run writing `.NA
 
 def check_destination(source: Path, dest: Path) -> None:
     """Refuse an output that is the input, contains it, or lies inside it, is a symlink, holds the
-    current folder, or is a non-empty folder parityport did not write (replacing it would lose its files).
+    current folder, is a non-empty folder parityport did not write (replacing it would lose its files),
+    or lies inside a folder parityport wrote.
 
     A symlinked destination is refused outright: committing would replace the
     link itself (or, dangling, fail at the very end), and a link to the input
@@ -53,6 +54,11 @@ def check_destination(source: Path, dest: Path) -> None:
     if dest.is_dir() and any(dest.iterdir()) and not _written_by_us(dest):
         raise InputError(dest, "exists and is not a folder parityport wrote (no model.safetensors of its own), "
                                "so it is never replaced, even with --force; choose another --out")
+    inside = next((folder for folder in out.parents if _written_by_us(folder)), None)
+    if inside is not None:
+        raise InputError(dest, f"lies inside {inside}, a folder parityport converted: its SHA256SUMS would not "
+                               "list the new folder, and converting that one again with --force would delete it; "
+                               "choose an --out outside it")
 
 
 def _written_by_us(folder: Path) -> bool:

@@ -191,6 +191,19 @@ def test_output_may_not_be_or_hold_the_input(tiny_npz, tmp_path, where, capsys):
     assert sorted(p.name for p in tiny_npz.parent.iterdir()) == ["tiny.npz"]
 
 
+def test_output_may_not_lie_inside_a_converted_folder(tiny_npz, tmp_path, capsys):
+    outer = tmp_path / "outer"
+    assert main(["convert", str(tiny_npz), "--out", str(outer), "--no-parity"]) == 0
+    before = sorted(p.name for p in outer.iterdir())
+    capsys.readouterr()
+    inner = outer / "deeper" / "inner"
+    assert main(["convert", str(tiny_npz), "--out", str(inner), "--no-parity"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"parityport: error: {inner}: lies inside {outer}, a folder parityport converted: its SHA256SUMS would not "
+        "list the new folder, and converting that one again with --force would delete it; choose an --out outside it"]
+    assert sorted(p.name for p in outer.iterdir()) == before
+
+
 @pytest.mark.parametrize("target", ["input", "input folder", "elsewhere", "nowhere"])
 def test_output_may_not_be_a_symlink(tiny_npz, tmp_path, target, capsys):
     aims = {"input": tiny_npz, "input folder": tiny_npz.parent,
