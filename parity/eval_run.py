@@ -325,8 +325,12 @@ def _progress(total: int, rank: int):
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "original", device: str = "cpu",
              batch_size: int = 64, workers: int = 4, fast: bool | None = None, limit: int | None = None,
-             compile: bool = False, decode: str = "auto", precision: str = "auto", producers: int = 1) -> dict[str, Any]:
+             compile: bool = False, decode: str = "auto", precision: str = "auto", producers: int = 1,
+             eval_set: EvalSet | None = None) -> dict[str, Any]:
     """Top-1/top-5 of the folder's model on VAL_DIR with the named protocol; the result dict of `--json`.
+
+    `eval_set` is `find_eval_set(data_dir, limit)` when the caller has it already (several protocols
+    on one set list the folder once).
 
     `fast=None` picks the fast GPU pipeline on CUDA and the faithful one elsewhere; `fast=True`
     off CUDA runs the same pipeline with CPU decode (for tests). On the fast path `decode`
@@ -358,7 +362,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     if fast:
         decode, decode_note = resolve_decoder(decode, torch_device)
     _settings(fast, torch_device)
-    eval_set = find_eval_set(data_dir, limit)
+    if eval_set is None:
+        eval_set = find_eval_set(data_dir, limit)
     spec, transform = resolve_protocol(model_dir, protocol)
     model = load_model(model_dir, torch_device)
     labels = resolve_labels(eval_set, model.config)
@@ -581,16 +586,17 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.json:  # before the evaluation, which can take hours: its result must have somewhere to go
             _check_destination(args.json)
         protocols = list(dict.fromkeys(args.protocol))
+        eval_set = find_eval_set(args.data, args.limit)
         others = {}
         if args.agree_with:  # checked before any evaluation
             from parity.protocols import read_json
 
             other = read_json(args.agree_with)
             others = {protocol: _run_to_agree_with(other, protocol, args.agree_with) for protocol in protocols}
-            _check_same_count(others, args)
+            _check_same_count(others, len(eval_set.samples), args)
         results = [evaluate(args.model, args.data, protocol=protocol, device=args.device, batch_size=args.batch_size,
                             workers=args.workers, fast=args.fast, limit=args.limit, compile=args.compile,
-                            decode=args.decode, precision=args.precision)
+                            decode=args.decode, precision=args.precision, eval_set=eval_set)
                    for protocol in protocols]
         for result in results:
             if result["protocol"] in others:
@@ -643,10 +649,9 @@ def write_result(path: Path, data: dict[str, Any]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _check_same_count(others: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+def _check_same_count(others: dict[str, dict[str, Any]], images: int, args: argparse.Namespace) -> None:
     """Raise InputError, before any evaluation, when the `--agree-with` runs have another number of
-    predictions than this run will have images (another set, or another --limit): agreement is per image."""
-    images = len(find_eval_set(args.data, args.limit).samples)
+    predictions than this run's `images` (another set, or another --limit): agreement is per image."""
     for protocol, other in others.items():
         if len(other["predictions"]) != images:
             subset = f" with --limit {args.limit}" if args.limit else ""

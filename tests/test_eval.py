@@ -855,9 +855,11 @@ def test_protocols_side_by_side_end_to_end(tmp_path, bit_class1, folders, capsys
 
 def _canned_evaluate(monkeypatch, top1: dict[str, float], predictions: dict[str, list[int]],
                      specs: dict[str, protocols.Protocol] | None = None) -> None:
-    """`evaluate` answering each protocol with the given top-1 and predictions (4 images)."""
+    """`evaluate` answering each protocol with the given top-1 and predictions (4 images) on a set of
+    4 images that need not exist."""
     import parity.eval_run as eval_run
 
+    monkeypatch.setattr(eval_run, "find_eval_set", lambda data, limit=None: eval_data.EvalSet([None] * 4, "class-folders", []))
     specs = specs or {}
     monkeypatch.setattr(eval_run, "evaluate", lambda model, data, protocol, **kw: {
         "protocol": protocol, "preprocessing": f"{protocol} steps", "top1": top1[protocol], "top5": 99.0,
@@ -898,6 +900,18 @@ def test_agree_with_another_number_of_images_stops_the_run_before_it_starts(tmp_
     assert capsys.readouterr().err.splitlines() == [
         f"parityport eval: error: {full}: its original run has 10 predictions where {folders} with --limit 4 has 4 "
         "images: not the same image set"]
+
+
+def test_several_protocols_list_the_folder_once(tmp_path, bit_class1, folders, monkeypatch):
+    import parity.eval_run as eval_run
+
+    listed = []
+    monkeypatch.setattr(eval_run, "find_eval_set", lambda *a: listed.append(a) or eval_data.find_eval_set(*a))
+    previous = tmp_path / "previous.json"
+    previous.write_text(json.dumps({"top1": 30.0, "predictions": [1] * 10}))
+    assert main(["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--workers", "0",
+                 "--protocol", "original", "hub", "--agree-with", str(previous)]) == 0
+    assert listed == [(str(folders), None)]
 
 
 def test_expect_is_about_the_first_protocol(monkeypatch, capsys):
