@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
+
+# The exit code of an exception nobody expected: a fault of parityport's, which must not read as a
+# failed check (1) or bad input (2) to a script that tells those apart.
+INTERNAL_ERROR = 3
 
 
 class InputError(Exception):
@@ -35,3 +40,14 @@ class UsageParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102 (argparse's hook; never returns)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def internal_error(prog: str) -> int:
+    """Print the traceback of the exception being handled and a line saying that it is parityport's
+    fault, not a failed check or bad input; return INTERNAL_ERROR."""
+    traceback.print_exc()
+    kind, error = sys.exc_info()[:2]
+    problem = str(error).splitlines()[0] if str(error) else ""
+    print(f"{prog}: internal error: {kind.__name__}{': ' * bool(problem)}{problem} (a fault in parityport, not a "
+          "failed check or bad input: the traceback above says where)", file=sys.stderr)
+    return INTERNAL_ERROR

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from converters.errors import InputError, UsageParser
+from converters.errors import InputError, UsageParser, internal_error
 from parity.eval_args import HALF_NAMES, PRECISIONS, add_eval_arguments
 from parity.eval_data import (
     BytesDataset,
@@ -375,13 +375,14 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
                else _faithful_batches(eval_set, indices, transform, spec, torch_device, batch_size, workers))
     reload = None if _half(precision)[0] is None else lambda: fast_model(load_model(model_dir, torch_device), "tf32")
     scorer = Scorer(model, labels, precision, reload, pad_to(batch_size, fast, compile, torch_device))
+    failure = None  # a failure this rank found, raised on every rank by _agree_on_failure before any result
     try:
         rows, notes, elapsed, first = _run(scorer, batches, len(indices), rank)
     except NonFiniteLogits as error:
         failure = InputError(eval_set.samples[error.indices[0]].path, _non_finite_problem(error))
-        rows, notes, elapsed, first = torch.empty(0, 7, dtype=torch.long), {}, 0.0, None
-    else:
-        failure = None
+    except torch.cuda.OutOfMemoryError as error:
+        failure = InputError(None, f"{torch_device} ran out of memory at --batch-size {batch_size}; give a smaller "
+                                   f"one ({'. '.join(str(error).split('. ')[:2])})")
     finally:
         batches.close()  # the pipeline's threads and workers stop here, not at garbage collection
     _agree_on_failure(failure, world)
@@ -779,6 +780,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_eval_arguments(parser)
     try:
         return run_eval(parser.parse_args(argv))
+    except Exception:
+        return internal_error(parser.prog)
     finally:
         if dist.is_available() and dist.is_initialized() and "TORCHELASTIC_RUN_ID" in os.environ:
             dist.destroy_process_group()

@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from converters.errors import CheckFailed, InputError, UsageParser
+from converters.errors import CheckFailed, InputError, UsageParser, internal_error
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("parityport: interrupted; no output folder was changed")
         return 130
+    except Exception:
+        return internal_error("parityport")
 
 
 if __name__ == "__main__":

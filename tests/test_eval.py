@@ -787,6 +787,34 @@ def test_usage_errors_and_help_answer_without_importing_torch(argv, code, stream
     assert expected in getattr(done, stream)
 
 
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                 "1.02 GiB is free")
+
+
+def test_running_out_of_device_memory_asks_for_a_smaller_batch(bit_class1, folders, capsys, monkeypatch):
+    import parity.eval_run as eval_run
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError(OUT_OF_MEMORY)
+
+    monkeypatch.setattr(eval_run, "_run", out_of_memory)
+    assert main(["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--batch-size", "4"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "parityport eval: error: cpu ran out of memory at --batch-size 4; give a smaller one "
+        "(CUDA out of memory. Tried to allocate 2.00 GiB)")
+
+
+def test_an_unexpected_exception_exits_3_with_its_traceback(bit_class1, folders, capsys, monkeypatch):
+    import parity.eval_run as eval_run
+
+    monkeypatch.setattr(eval_run, "_run", lambda *args: 1 / 0)
+    assert main(["--model", str(bit_class1), "--data", str(folders), "--device", "cpu"]) == 3
+    err = capsys.readouterr().err.splitlines()
+    assert "Traceback (most recent call last):" in err and "ZeroDivisionError: division by zero" in err
+    assert err[-1] == ("parityport eval: internal error: ZeroDivisionError: division by zero (a fault in parityport, "
+                       "not a failed check or bad input: the traceback above says where)")
+
+
 def test_expect_and_json(tmp_path, bit_class1, folders, capsys):
     out = tmp_path / "r.json"
     args = ["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--workers", "0", "--json", str(out)]

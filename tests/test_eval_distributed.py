@@ -79,6 +79,29 @@ def test_a_rank_that_stops_stops_every_rank_with_its_error(tmp_path):
     assert (tmp_path / "rank1.txt").read_text() == problem + " (found by rank 0 of 2)"
 
 
+def _out_of_memory_worker(rank: int, world: int, model: str, data: str, rendezvous: str, out: str) -> None:
+    from parity import eval_run
+
+    if rank == 1:
+        def out_of_memory(*args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has ...")
+
+        eval_run._run = out_of_memory
+    _failing_worker(rank, world, model, data, rendezvous, out)
+
+
+def test_a_rank_out_of_memory_stops_every_rank_with_its_error(tmp_path):
+    """The rank whose device ran out of memory does not vanish, leaving the others waiting in a
+    collective: every rank stops with its error."""
+    model = make_bit(tmp_path / "model", 3, seed=1)
+    data = make_class_folders(tmp_path / "val", WNIDS[:2], [2, 2])
+    mp.spawn(_out_of_memory_worker, args=(2, str(model), str(data), str(tmp_path / "rdv"), str(tmp_path)), nprocs=2,
+             join=True)
+    problem = "cpu ran out of memory at --batch-size 1; give a smaller one (CUDA out of memory. Tried to allocate 2.00 GiB)"
+    assert (tmp_path / "rank1.txt").read_text() == problem
+    assert (tmp_path / "rank0.txt").read_text() == problem + " (found by rank 1 of 2)"
+
+
 def test_each_rank_takes_its_own_gpu(monkeypatch):
     import pytest
 

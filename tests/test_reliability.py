@@ -228,6 +228,20 @@ def test_an_output_that_cannot_be_made_is_one_line(tiny_npz, tmp_path, capsys):
     assert errors == [f"parityport: error: {tmp_path / 'a-file'}: File exists"]
 
 
+def test_an_unexpected_exception_exits_3_not_as_a_failed_check(monkeypatch, capsys):
+    import parityport.cli as cli
+
+    def broken(args):
+        raise RuntimeError("something nobody foresaw\nand a second line")
+
+    monkeypatch.setattr(cli, "cmd_catalog", broken)
+    assert main(["catalog"]) == 3
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "Traceback (most recent call last):"
+    assert err[-1] == ("parityport: internal error: RuntimeError: something nobody foresaw (a fault in parityport, "
+                       "not a failed check or bad input: the traceback above says where)")
+
+
 @pytest.mark.parametrize("argv, line", [
     (["convert"], "parityport convert: error: the following arguments are required: src, --out "
                   "(see parityport convert --help)"),
