@@ -146,13 +146,9 @@ def test_eval_reproduces_the_source_evaluation_exactly(family: str, records, con
     assert result["pipeline"] == "faithful" and result["failures"] == 0
     assert result["top1"] == record["top1"], f"eval {result['top1']} != source {record['top1']}"
     assert result["predictions"] == record["predictions"]
-    # the BiT file is named after its catalog entry, so eval shows the published figure beside the run;
-    # the data2vec file's name, mp_rank_00_model_states.pt, is every DeepSpeed checkpoint's and names none
-    if family == "bit":
-        published = {"top1": entry.top1, "catalog_entry": entry.name, "gap": 0.0}
-        assert {k: v for k, v in result["published"].items() if k in published} == published
-    else:
-        assert "published" not in result
+    # each file is named after its catalog entry, so eval shows the published figure beside the run
+    published = {"top1": entry.top1, "catalog_entry": entry.name, "gap": 0.0}
+    assert {k: v for k, v in result["published"].items() if k in published} == published
 
 
 @BY_FAMILY
