@@ -317,10 +317,12 @@ def logits(model: torch.nn.Module, pixels: torch.Tensor, precision: str) -> torc
         return model(pixel_values=pixels.to(dtype, memory_format=torch.channels_last)).logits.float()
 
 
-def _progress(total: int, rank: int):
+def _progress(total: int, rank: int, world: int = 1):
+    """Rank 0's bar on a TTY; under torchrun it counts that rank's share, which the others keep pace with."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
+    return tqdm(total=total, unit="img", disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True,
+                desc=f"rank 0's share (1/{world})" if world > 1 else None)
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "original", device: str = "cpu",
@@ -377,7 +379,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     scorer = Scorer(model, labels, precision, reload, pad_to(batch_size, fast, compile, torch_device))
     failure = None  # a failure this rank found, raised on every rank by _agree_on_failure before any result
     try:
-        rows, notes, elapsed, first = _run(scorer, batches, len(indices), rank)
+        rows, notes, elapsed, first = _run(scorer, batches, len(indices), rank, world)
     except NonFiniteLogits as error:
         failure = InputError(eval_set.samples[error.indices[0]].path, _non_finite_problem(error))
     except torch.cuda.OutOfMemoryError as error:
@@ -440,15 +442,15 @@ class Scorer:
 
 
 @torch.inference_mode()
-def _run(scorer: Scorer, batches: Iterator[Batch], total: int,
-         rank: int) -> tuple[torch.Tensor, dict[int, str], float, float | None]:
+def _run(scorer: Scorer, batches: Iterator[Batch], total: int, rank: int,
+         world: int = 1) -> tuple[torch.Tensor, dict[int, str], float, float | None]:
     """Score every batch; rows are [index, ok, top-5 outputs...] per image (top-k padded with -1).
     Also returned: the seconds taken in all and until the first batch was scored (compiling and
     cuDNN's autotuning happen there; None when there was no batch).
     """
     rows, notes, first = [], {}, None
     start = time.perf_counter()
-    with _progress(total, rank) as bar:
+    with _progress(total, rank, world) as bar:
         for pixels, index, ok, batch_notes in batches:
             scores = scorer(pixels, index, ok)
             k = min(5, scores.shape[1])

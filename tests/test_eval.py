@@ -815,6 +815,16 @@ def test_an_unexpected_exception_exits_3_with_its_traceback(bit_class1, folders,
                        "not a failed check or bad input: the traceback above says where)")
 
 
+def test_the_progress_bar_under_torchrun_says_it_counts_rank_0s_share(monkeypatch, capsys):
+    from parity.eval_run import _progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for world, label in ((2, "rank 0's share (1/2): 100%"), (1, "100%")):
+        with _progress(6, 0, world) as bar:
+            bar.update(6)
+        assert capsys.readouterr().err.split("\r")[-1].startswith(label)
+
+
 def test_expect_and_json(tmp_path, bit_class1, folders, capsys):
     out = tmp_path / "r.json"
     args = ["--model", str(bit_class1), "--data", str(folders), "--device", "cpu", "--workers", "0", "--json", str(out)]
