@@ -14,6 +14,8 @@ in the same run and three times each (the median is kept):
 - the same conversion of the 2 GB file asked for by its catalog name, from a
   download cache whose download recorded the digest (as `fetch` does), so only
   the output is hashed;
+- the 2 GB file converted to bfloat16 (`--dtype bfloat16`): half the output, plus the
+  cast and the check that every value fits;
 - one sha256 pass over SRC in this process, from memory: the converter hashes the source
   (provenance) and its whole output (SHA256SUMS), and the output's hash cannot
   go past the header before the source's is known (the header records it), so
@@ -137,8 +139,8 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, in
     return seconds, rss
 
 
-def convert_argv(src: Path | str, out: Path, parity: bool = False) -> list[str]:
-    return [sys.executable, "-m", "parityport.cli", "convert", str(src), "--out", str(out),
+def convert_argv(src: Path | str, out: Path, parity: bool = False, dtype: str = "float32") -> list[str]:
+    return [sys.executable, "-m", "parityport.cli", "convert", str(src), "--out", str(out), "--dtype", dtype,
             *([] if parity else ["--no-parity"])]
 
 
@@ -155,13 +157,14 @@ def sha256_seconds(src: Path) -> float:
 
 
 def measure(src: Path, scratch: Path, cold: bool, baseline: dict[str, float],
-            catalog: tuple[str, Path] | None = None) -> dict[str, Any]:
+            catalog: tuple[str, Path] | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Median of REPEATS runs of cp, cp+sync, a checked copy, convert --no-parity and one sha256 pass.
 
     The checked copy hashes the source, copies it, hashes the copy and syncs: what a
     careful copy costs, and the same two hashes the converter must make. With
     `catalog` (a name, and a cache folder holding `src` as its download, see
-    `cached_download`), the conversion is asked for by catalog name instead.
+    `cached_download`), the conversion is asked for by catalog name instead; with `dtype`, it
+    writes that precision (a half one casts every tensor and checks that none overflows it).
     """
     runs: dict[str, list[float]] = {"cp": [], "cp_sync": [], "checked_copy": [], "convert": [], "rss": [],
                                     "sha256": []}
@@ -175,8 +178,8 @@ def measure(src: Path, scratch: Path, cold: bool, baseline: dict[str, float],
             runs[key].append(timed(argv)[0])
             copy.unlink()
         prepare(src, cold)
-        seconds, rss = (timed(convert_argv(catalog[0], out), {"PARITYPORT_CACHE": str(catalog[1])})
-                        if catalog else timed(convert_argv(src, out)))
+        seconds, rss = (timed(convert_argv(catalog[0], out, dtype=dtype), {"PARITYPORT_CACHE": str(catalog[1])})
+                        if catalog else timed(convert_argv(src, out, dtype=dtype)))
         runs["convert"].append(seconds)
         runs["rss"].append(rss)
         shutil.rmtree(out)
@@ -185,8 +188,9 @@ def measure(src: Path, scratch: Path, cold: bool, baseline: dict[str, float],
     size = src.stat().st_size
     above = med["rss"] - baseline["rss"]
     return {
-        "file": f"{catalog[0]} by name (cached download)" if catalog else src.name, "bytes": size,
-        "catalog": catalog is not None, "runs": runs,
+        "file": (f"{catalog[0]} by name (cached download)" if catalog else src.name)
+                + (f" → {dtype}" if dtype != "float32" else ""),
+        "bytes": size, "catalog": catalog is not None, "dtype": dtype, "runs": runs,
         "cp_s": med["cp"], "cp_sync_s": med["cp_sync"], "convert_s": med["convert"],
         "ratio_vs_cp": med["convert"] / med["cp"], "ratio_vs_cp_sync": med["convert"] / med["cp_sync"],
         "checked_copy_s": med["checked_copy"], "ratio_vs_checked_copy": med["convert"] / med["checked_copy"],
@@ -319,7 +323,7 @@ def limits(run: dict[str, Any], cores: int) -> str:
             f"({r['ratio_vs_cp']:.2f}×). Runs took {min(r['runs']['convert']):.2f}–"
             f"{max(r['runs']['convert']):.2f} s: on this shared virtual machine the kernel's share (page "
             f"faults on memory the host must back again, page-cache reads) varies from run to run."
-            + _catalog_limits(run))
+            + _catalog_limits(run) + _half_limits(run))
 
 
 def _catalog_limits(run: dict[str, Any]) -> str:
@@ -332,6 +336,19 @@ def _catalog_limits(run: dict[str, Any]) -> str:
     return (f" By catalog name ({r['file']}) the digest the download recorded stands for the source's "
             f"hash, which leaves one pass: the floor is {floor:.2f} s ({floor / r['cp_s']:.2f}× cp), and the "
             f"conversion took {r['convert_s']:.2f} s ({r['ratio_vs_cp']:.2f}× cp).")
+
+
+def _half_limits(run: dict[str, Any]) -> str:
+    """The same for the conversion to a half precision, against the float32 one of the same file."""
+    half = [r for r in run["files"] if r.get("dtype", "float32") != "float32"]
+    if not half:
+        return ""
+    r = half[0]
+    full = next(f for f in run["files"] if f["file"] == r["file"].split(" → ")[0])
+    return (f" To {r['dtype']} ({r['file']}) the output is half the bytes to write and hash, and every tensor is "
+            f"cast and checked for values the half type cannot hold: {r['convert_s']:.2f} s against "
+            f"{full['convert_s']:.2f} s in float32 ({r['convert_s'] / full['convert_s']:.2f}×), peak RSS "
+            f"{_gb(r['peak_rss_bytes'])} against {_gb(full['peak_rss_bytes'])}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measuring {CATALOG_NAME} by name ...", file=sys.stderr, flush=True)
         catalog = (CATALOG_NAME, cached_download(args.cache, big[0], CATALOG_NAME))
         files.append(measure(big[0], scratch, cold, fixed, catalog))
+        print(f"measuring {big[0].name} to bfloat16 ...", file=sys.stderr, flush=True)
+        files.append(measure(big[0], scratch, cold, fixed, dtype="bfloat16"))
         runs.append({"cache": "cold" if cold else "warm", "fixed": fixed, "files": files, "notes": mode_notes})
     print("parity cost ...", file=sys.stderr, flush=True)
     parity = parity_cost(bit_file(args.cache, "BiT-M-R50x1", 50, 1, 1000), scratch)
