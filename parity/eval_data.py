@@ -451,8 +451,6 @@ class BytesDataset(Dataset):
         return out
 
 
-
-
 def _libjpeg(data: bytes, path: Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_jpeg
 
