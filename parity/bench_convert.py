@@ -190,7 +190,7 @@ def measure(src: Path, scratch: Path, cold: bool, baseline: dict[str, float],
     return {
         "file": (f"{catalog[0]} by name (cached download)" if catalog else src.name)
                 + (f" → {dtype}" if dtype != "float32" else ""),
-        "bytes": size, "catalog": catalog is not None, "dtype": dtype, "runs": runs,
+        "source": src.name, "bytes": size, "catalog": catalog is not None, "dtype": dtype, "runs": runs,
         "cp_s": med["cp"], "cp_sync_s": med["cp_sync"], "convert_s": med["convert"],
         "ratio_vs_cp": med["convert"] / med["cp"], "ratio_vs_cp_sync": med["convert"] / med["cp_sync"],
         "checked_copy_s": med["checked_copy"], "ratio_vs_checked_copy": med["convert"] / med["checked_copy"],
@@ -344,7 +344,8 @@ def _half_limits(run: dict[str, Any]) -> str:
     if not half:
         return ""
     r = half[0]
-    full = next(f for f in run["files"] if f["file"] == r["file"].split(" → ")[0])
+    full = next(f for f in run["files"]
+                if f.get("source") == r["source"] and f["dtype"] == "float32" and not f["catalog"])
     return (f" To {r['dtype']} ({r['file']}) the output is half the bytes to write and hash, and every tensor is "
             f"cast and checked for values the half type cannot hold: {r['convert_s']:.2f} s against "
             f"{full['convert_s']:.2f} s in float32 ({r['convert_s'] / full['convert_s']:.2f}×), peak RSS "
