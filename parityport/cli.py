@@ -303,6 +303,11 @@ def _failed(args: argparse.Namespace, message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
+    if args.command == "eval":  # what it can refuse without torch and transformers (4 s, 0.9 GB) it refuses at once
+        from parity.eval_args import refuse_early
+
+        if (code := refuse_early(args)) is not None:
+            return code
     if args.command in LOADS_MODELS and not getattr(args, "no_parity", False):
         _transformers_bars_on_a_tty_only()
     try:
