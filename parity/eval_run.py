@@ -597,8 +597,9 @@ def run_eval(args: argparse.Namespace) -> int:
                             decode=args.decode, precision=args.precision, eval_set=eval_set)
                    for protocol in protocols]
         for result in results:
-            if result["protocol"] in others:
-                result["agreement"] = prediction_agreement(result, others[result["protocol"]])
+            if (other := others.get(result["protocol"])) is not None:
+                result["agreement"] = prediction_agreement(result, other) | {
+                    "with": {"file": str(args.agree_with), "protocol": other.get("protocol")}}
         _add_published(results, Path(args.model))
     except (InputError, OSError) as error:  # OSError: a folder that cannot be read, under either entry point
         return refuse(error, args)
@@ -745,8 +746,9 @@ def _summary(result: dict[str, Any]) -> str:
     if "decode_note" in result:
         lines.append(f"note: {result['decode_note']}")
     if "agreement" in result:
-        a = result["agreement"]
-        lines.append(f"agreement with the other run: {a['agreement']:.3f}% of images, top-1 difference {a['top1_difference']:+.3f}")
+        a, other = result["agreement"], result["agreement"]["with"]
+        run = f"the {other['protocol']} run in {other['file']}" if other["protocol"] else other["file"]
+        lines.append(f"agreement with {run}: {a['agreement']:.3f}% of images, top-1 difference {a['top1_difference']:+.3f}")
     return "\n".join(lines)
 
 

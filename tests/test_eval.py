@@ -1002,6 +1002,22 @@ def test_agree_with_a_side_by_side_file_pairs_the_protocols(tmp_path, bit_class1
     assert "not a `parityport eval --json` result (no predictions to agree with)" in capsys.readouterr().err
 
 
+def test_agree_with_says_which_run_it_compared_with(tmp_path, capsys, monkeypatch):
+    _canned_evaluate(monkeypatch, {"original": 84.2, "hub": 83.97}, {"original": [1, 2, 3, 4], "hub": [1, 2, 0, 4]})
+    both, hub = tmp_path / "both.json", tmp_path / "hub.json"
+    args = ["--model", "m", "--data", "d", "--device", "cpu"]
+    assert main(args + ["--protocol", "original", "hub", "--json", str(both)]) == 0
+    assert main(args + ["--protocol", "hub", "--json", str(hub)]) == 0
+    capsys.readouterr()
+    assert main(args + ["--protocol", "hub", "--agree-with", str(both)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"agreement with the hub run in {both}: 100.000% of images, "
+                                                        "top-1 difference +0.000")
+    assert main(args + ["--protocol", "original", "--agree-with", str(hub), "--json", str(tmp_path / "r.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"agreement with the hub run in {hub}: 75.000% of images, "
+                                                        "top-1 difference +0.230")
+    assert json.loads((tmp_path / "r.json").read_text())["agreement"]["with"] == {"file": str(hub), "protocol": "hub"}
+
+
 def test_agree_with_another_number_of_images_stops_the_run_before_it_starts(tmp_path, folders, capsys, monkeypatch):
     import parity.eval_run as eval_run
 
