@@ -138,7 +138,7 @@ def _parity(checkpoint, conversion, folder: Path, dtype: str, synthetic: bool, a
     if synthetic:
         report.notes.insert(0, "SYNTHETIC source: random weights in the exact original layout, "
                                "not the published checkpoint.")
-    write_reports(report, folder, {"source_file": checkpoint.path.name, "dropped": conversion.dropped})
+    write_reports(report, folder, {"source_file": checkpoint.path.name, "dropped": conversion.dropped}, synthetic)
     _say(_summary(report))
     return report
 
