@@ -129,7 +129,7 @@ def plot_report(report: ParityReport, path: Path, synthetic: bool = False) -> No
     ax.set_ylabel("max-abs / tap scale")
     title = f"{report.family} {report.variant}: error per tap"
     if synthetic:
-        ax.set_title(f"{title}\n{SYNTHETIC_MARK}", color="red")
+        ax.set_title(f"{title}\n{SYNTHETIC_MARK}", color="red", fontsize=9)
     else:
         ax.set_title(title)
     ax.legend(fontsize=6)
