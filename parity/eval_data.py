@@ -44,20 +44,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from converters.errors import InputError
-from parity.eval_args import DECODERS
+from parity.eval_args import DECODERS, EXPECTED_LAYOUTS, GROUND_TRUTH, LOC_CSV, WNIDS_BY_ID
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
-GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
-WNIDS_BY_ID = "ILSVRC2012_wnids_by_id.txt"
-LOC_CSV = "LOC_val_solution.csv"
 _FLAT_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.", re.IGNORECASE)
 _WNID = re.compile(r"n\d{8}")
-
-EXPECTED_LAYOUTS = (
-    "expected one of: class subfolders holding images (ImageNet wnids like n01440764, or any class names); "
-    f"flat ILSVRC2012_val_*.JPEG files with the devkit {GROUND_TRUTH} plus meta.mat or {WNIDS_BY_ID}; "
-    f"or images with Kaggle's {LOC_CSV}"
-)
 
 
 @dataclass(frozen=True)

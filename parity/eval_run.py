@@ -27,7 +27,6 @@ import queue
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -36,7 +35,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from converters.errors import InputError, UsageParser, internal_error
-from parity.eval_args import HALF_NAMES, PRECISIONS, add_eval_arguments
+from parity.eval_args import HALF_NAMES, NO_CUDA, PRECISIONS, add_eval_arguments, check_model_folder, refuse
 from parity.eval_data import (
     BytesDataset,
     EncodedDataset,
@@ -351,11 +350,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, protocol: str = "or
     scored), batches and rescored_batches (over all ranks), batch_size, world_size, predictions
     (top-1 output per image, -1 for a failure, in the set's order).
     """
-    if Path(model_dir).is_file():
-        raise InputError(model_dir, "is a file, not a converted folder; convert it first: "
-                                    "parityport convert FILE --out DIR, then --model DIR")
-    if not Path(model_dir).is_dir():
-        raise InputError(model_dir, "no such folder; --model is a folder parityport convert wrote")
+    check_model_folder(model_dir)
     torch_device = torch.device(device)
     rank, world = _world(torch_device.type)
     torch_device = _rank_device(torch_device, rank, world)
@@ -572,7 +567,7 @@ def prediction_agreement(run_a: dict[str, Any], run_b: dict[str, Any]) -> dict[s
 
 def _check_device(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(None, "--device cuda but CUDA is not available here; use --device cpu")
+        raise InputError(None, NO_CUDA)
     if args.fast and not args.device.startswith("cuda"):
         raise InputError(None, "--fast decodes on the GPU and needs --device cuda")
     if args.decode in ("gpu", "nvimgcodec") and not args.device.startswith("cuda"):
@@ -602,16 +597,12 @@ def run_eval(args: argparse.Namespace) -> int:
                             decode=args.decode, precision=args.precision, eval_set=eval_set)
                    for protocol in protocols]
         for result in results:
-            if result["protocol"] in others:
-                result["agreement"] = prediction_agreement(result, others[result["protocol"]])
+            if (other := others.get(result["protocol"])) is not None:
+                result["agreement"] = prediction_agreement(result, other) | {
+                    "with": {"file": str(args.agree_with), "protocol": other.get("protocol")}}
         _add_published(results, Path(args.model))
     except (InputError, OSError) as error:  # OSError: a folder that cannot be read, under either entry point
-        if getattr(args, "debug", False):  # the traceback, and still exit 2 (bad input)
-            traceback.print_exc()
-        where = f"{error.filename}: " if isinstance(error, OSError) and error.filename else ""
-        problem = error.strerror or error if isinstance(error, OSError) else error
-        print(f"parityport eval: error: {where}{problem}", file=sys.stderr)
-        return 2
+        return refuse(error, args)
     result = results[0]
     if result.get("world_size", 1) > 1 and dist.get_rank() != 0:
         return _exit_code(result, args, quiet=True)
@@ -755,8 +746,9 @@ def _summary(result: dict[str, Any]) -> str:
     if "decode_note" in result:
         lines.append(f"note: {result['decode_note']}")
     if "agreement" in result:
-        a = result["agreement"]
-        lines.append(f"agreement with the other run: {a['agreement']:.3f}% of images, top-1 difference {a['top1_difference']:+.3f}")
+        a, other = result["agreement"], result["agreement"]["with"]
+        run = f"the {other['protocol']} run in {other['file']}" if other["protocol"] else other["file"]
+        lines.append(f"agreement with {run}: {a['agreement']:.3f}% of images, top-1 difference {a['top1_difference']:+.3f}")
     return "\n".join(lines)
 
 

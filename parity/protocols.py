@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from converters.errors import InputError
-from parity.eval_args import PROTOCOL_NAMES
+from parity.eval_args import PROTOCOL_NAMES, model_family, read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -175,19 +174,6 @@ TF_FAST_DECODE = ("JPEGs decoded by the fast path's decoder, not by TensorFlow's
 _OVERRIDE_KEYS = {"image_size", "crop_pct", "resize_size", "timm_model"}
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object, or {} when the file does not exist; a broken file is an InputError."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(path, f"cannot read JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "expected a JSON object")
-    return data
-
-
 def folder_overrides(model_dir: Path) -> dict[str, Any]:
     """The folder's eval overrides (module docstring): preprocessor block over config block."""
     blocks = [(read_json(model_dir / name).get(key, {}), name, key)
@@ -229,14 +215,6 @@ def apply_overrides(protocol: Protocol, overrides: dict[str, Any], where: Path |
         raise InputError(where, f"eval overrides {overrides}: the resize side {changed.resize_side} is smaller "
                                f"than the crop {changed.image_size}")
     return changed
-
-
-def model_family(model_dir: Path) -> str:
-    """The family named by config.json's model_type ("bit", "data2vec-vision", "data2vec2-vision", ...)."""
-    config = read_json(model_dir / "config.json")
-    if "model_type" not in config:
-        raise InputError(model_dir / "config.json", "missing (or without model_type): not a model folder")
-    return str(config["model_type"])
 
 
 # ---- resolving a protocol name to (Protocol, faithful transform) -------------------------------

@@ -98,32 +98,50 @@ def report_markdown(report: ParityReport) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: ParityReport, path: Path) -> None:
-    """PNG: max-rel error per tap (log scale), one line per run, limits dashed."""
+# A log axis has no zero: an exact 0 is drawn at this floor, with its own marker and legend entry.
+ZERO_DRAWN_AT = 1e-12
+SYNTHETIC_MARK = "SYNTHETIC weights (random values), not the published checkpoint"
+
+
+def plot_report(report: ParityReport, path: Path, synthetic: bool = False) -> None:
+    """PNG: max-rel error per tap (log scale), one line per run, limits dashed; a tap whose error is exactly
+    0 is marked as such at `ZERO_DRAWN_AT`, and `synthetic` weights are named in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(report.results[0].taps)), 4), dpi=100)
+    zeros_labelled = False
     for r in report.results:
-        ys = [max(t.max_rel, 1e-12) for t in r.taps]
-        ax.plot(range(len(ys)), ys, marker=".", label=f"{r.side} / {r.input} / {r.dtype}")
+        ys = [max(t.max_rel, ZERO_DRAWN_AT) for t in r.taps]
+        (line,) = ax.plot(range(len(ys)), ys, marker=".", label=f"{r.side} / {r.input} / {r.dtype}")
+        zeros = [i for i, t in enumerate(r.taps) if t.max_rel == 0]
+        if zeros:
+            ax.plot(zeros, [ZERO_DRAWN_AT] * len(zeros), "v", color=line.get_color(), linestyle="none",
+                    label="_nolegend_" if zeros_labelled else f"exactly 0 (drawn at {ZERO_DRAWN_AT:g})")
+            zeros_labelled = True
     taps = report.results[0].taps
     ax.plot(range(len(taps)), [t.limit / t.scale if t.scale else t.limit for t in taps],
             "k--", linewidth=0.8, label="limit (float32)" if report.results[0].dtype == "float32" else "limit")
     ax.set_yscale("log")
     ax.set_xticks(range(len(taps)), [t.tap for t in taps], rotation=90, fontsize=6)
     ax.set_ylabel("max-abs / tap scale")
-    ax.set_title(f"{report.family} {report.variant}: error per tap")
+    title = f"{report.family} {report.variant}: error per tap"
+    if synthetic:
+        ax.set_title(f"{title}\n{SYNTHETIC_MARK}", color="red", fontsize=9)
+    else:
+        ax.set_title(title)
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def write_reports(report: ParityReport, folder: Path, extra: dict[str, Any] | None = None) -> None:
-    """Write parity.json, parity.md and parity.png into `folder`."""
+def write_reports(report: ParityReport, folder: Path, extra: dict[str, Any] | None = None,
+                  synthetic: bool = False) -> None:
+    """Write parity.json, parity.md and parity.png into `folder` (`synthetic`: the source's weights are a
+    stand-in, which the plot names)."""
     (folder / "parity.json").write_text(json.dumps(report_dict(report, extra), indent=2, allow_nan=False) + "\n")
     (folder / "parity.md").write_text(report_markdown(report) + "\n")
-    plot_report(report, folder / "parity.png")
+    plot_report(report, folder / "parity.png", synthetic)

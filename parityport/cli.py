@@ -13,6 +13,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from converters.errors import CheckFailed, InputError, UsageParser, internal_error
 
@@ -26,9 +27,10 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------
 # convert / parity
 
-def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> tuple[Path, bool, str | None]:
+def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path,
+                   say: Callable[[str], None] = _say) -> tuple[Path, bool, str | None]:
     """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout when the
-    catalog file cannot be had. Returns (path, is_synthetic, the sha256 its download recorded)."""
+    catalog file cannot be had, told to `say`. Returns (path, is_synthetic, the sha256 its download recorded)."""
     if Path(name).expanduser().exists():  # a file: no catalog, no downloader (and no numpy) needed
         return Path(name).expanduser(), False, None
     from checkpoints.download import cached_digest, resolve
@@ -47,9 +49,9 @@ def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> t
         except InputError:  # not a catalog name: the first error says what SRC is not
             raise e from None
         path = synthetic_stand_in(entry, out_parent / "synthetic")
-        _say(f"parityport: {e.problem}")
-        _say(f"parityport: NOT the real weights: converting a synthetic file in the exact "
-             f"{entry.name} layout (random values): {path}")
+        say(f"parityport: {e.problem}")
+        say(f"parityport: NOT the real weights: converting a synthetic file in the exact "
+            f"{entry.name} layout (random values): {path}")
         return path, True, None
 
 
@@ -65,7 +67,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from converters.digest import hash_in_background, identity
 
     dest = Path(args.out)
-    src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
+    held: list[str] = []  # what resolve_source says, said once the folder is known to need the work
+    src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, dest.parent, held.append)
     synthetic = synthetic or is_stand_in(src)  # a stand-in given by its path, under any name, is no less random
     # First, before numpy loads: the output's hash waits for this one (hashlib releases the GIL).
     source = identity(src)
@@ -84,6 +87,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                  f"conversion of {src.name}; nothing to do")
             return 0
         raise InputError(dest, "exists; pass --force to replace it")
+    for line in held:
+        _say(line)
     checkpoint = open_isolated(src)
     family, conversion = convert_checkpoint(checkpoint)
     _say(f"parityport: {src.name}: {family} {conversion.variant}, {len(conversion.tensors)} tensors "
@@ -138,7 +143,7 @@ def _parity(checkpoint, conversion, folder: Path, dtype: str, synthetic: bool, a
     if synthetic:
         report.notes.insert(0, "SYNTHETIC source: random weights in the exact original layout, "
                                "not the published checkpoint.")
-    write_reports(report, folder, {"source_file": checkpoint.path.name, "dropped": conversion.dropped})
+    write_reports(report, folder, {"source_file": checkpoint.path.name, "dropped": conversion.dropped}, synthetic)
     _say(_summary(report))
     return report
 
@@ -235,13 +240,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="re-run the layer-by-layer comparison of SRC and DIR")
     p.add_argument("src", help="the original checkpoint: a file or a catalog name (parityport catalog)")
-    p.add_argument("dir")
+    p.add_argument("dir", help="the folder to check: what parityport convert wrote (--out) from SRC, or a copy of it")
     p.set_defaults(run=cmd_parity)
 
     p = sub.add_parser("catalog", help="list the official checkpoints")
     p.set_defaults(run=cmd_catalog)
 
     _add_optional_commands(sub, argv)
+    for command in sub.choices.values():  # --debug after the command too; SUPPRESS keeps one given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -303,6 +310,11 @@ def _failed(args: argparse.Namespace, message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
+    if args.command == "eval":  # what it can refuse without torch and transformers (4 s, 0.9 GB) it refuses at once
+        from parity.eval_args import refuse_early
+
+        if (code := refuse_early(args)) is not None:
+            return code
     if args.command in LOADS_MODELS and not getattr(args, "no_parity", False):
         _transformers_bars_on_a_tty_only()
     try:

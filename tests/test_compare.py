@@ -1,6 +1,7 @@
 """Tap comparison: tolerances, first divergence, scale-relative errors."""
 
 import numpy as np
+import pytest
 
 from parity.compare import compare_tap, compare_taps, first_divergence, tolerance_for
 
@@ -59,3 +60,25 @@ def test_a_tap_with_no_finite_values_cannot_pass():
     assert not r.passed and r.compared == 0 and r.nonfinite == 6 and np.isnan(r.max_abs)
     partly = compare_tap("logits", np.array([np.nan, 1.0]), np.array([np.nan, 1.0]), tolerance_for("logits"))
     assert partly.passed and partly.compared == 1 and partly.max_abs == 0.0
+
+
+@pytest.mark.parametrize("synthetic", [False, True])
+def test_the_plot_marks_an_exact_zero_and_synthetic_weights(tmp_path, monkeypatch, synthetic):
+    """A log axis cannot show 0: the plot says where it draws one, and says when the weights are random."""
+    import matplotlib.pyplot as plt
+
+    from parity.engine import ParityReport, SideResult
+    from parity.report import plot_report
+
+    taps = compare_taps({"stem": np.ones(2), "logits": np.ones(2)}, {"stem": np.ones(2), "logits": np.ones(2) * 1.001})
+    report = ParityReport("bit", "tiny", "src", [SideResult("t", "target", "x", "float32", taps)])
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)
+    plot_report(report, tmp_path / "parity.png", synthetic=synthetic)
+    [ax] = drawn[0].axes
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == [
+        "t / x / float32", "exactly 0 (drawn at 1e-12)", "limit (float32)"]
+    assert ax.lines[1].get_xydata().tolist() == [[0.0, 1e-12]]  # the stem, where both sides agree exactly
+    assert ax.get_title() == "bit tiny: error per tap" + (
+        "\nSYNTHETIC weights (random values), not the published checkpoint" if synthetic else "")
+    assert (tmp_path / "parity.png").stat().st_size > 0

@@ -787,6 +787,80 @@ def test_usage_errors_and_help_answer_without_importing_torch(argv, code, stream
     assert expected in getattr(done, stream)
 
 
+# The refusals `parityport eval` makes before importing torch and transformers (4 s, 0.9 GB): (what is
+# wrong, the arguments after `eval`, the problem); {model} and {data} are a model folder and an image set.
+REFUSED_BEFORE_TORCH = [
+    ("no data", ["--model", "{model}", "--data", "{data}/missing"], "{data}/missing: not a folder; expected one of:"),
+    ("no model", ["--model", "{model}/missing", "--data", "{data}"],
+     "{model}/missing: no such folder; --model is a folder parityport convert wrote"),
+    ("a broken config.json", ["--model", "{model}", "--data", "{data}"],
+     "{model}/config.json: cannot read JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ("no model_type", ["--model", "{model}", "--data", "{data}"],
+     "{model}/config.json: missing (or without model_type): not a model folder"),
+    ("no CUDA", ["--model", "{model}", "--data", "{data}", "--device", "cuda"],
+     "--device cuda but CUDA is not available here; use --device cpu"),
+]
+
+
+@pytest.mark.parametrize("case, argv, problem", REFUSED_BEFORE_TORCH, ids=[case for case, *_ in REFUSED_BEFORE_TORCH])
+def test_bad_input_is_refused_before_torch_is_imported(tmp_path, case, argv, problem):
+    if case == "no CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    model, data = tmp_path / "m", tmp_path / "val" / WNIDS[0]
+    data.mkdir(parents=True)
+    _image(0).save(data / "a.png")
+    model.mkdir()
+    (model / "config.json").write_text({"a broken config.json": "{not json", "no model_type": "{}"}.get(
+        case, json.dumps({"model_type": "bit"})))
+    script = ("import sys\nfrom parityport.cli import main\ncode = main(sys.argv[1:])\n"
+              "print('exit', code, 'torch' in sys.modules, 'PIL' in sys.modules, 'transformers' in sys.modules, "
+              "file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script, "eval", *(a.format(model=model, data=data.parent) for a in argv)],
+                          capture_output=True, text=True, timeout=60)
+    refusal, modules = done.stderr.splitlines()[-2:]
+    assert refusal.startswith("parityport eval: error: " + problem.format(model=model, data=data.parent))
+    assert modules == "exit 2 False False False"
+
+
+class _Driver:
+    """libcuda.so.1's cuInit and cuDeviceGetCount, answering `init` and counting `devices`."""
+
+    def __init__(self, init: int, devices: int) -> None:
+        self.init, self.devices = init, devices
+
+    def cuInit(self, flags):
+        return self.init
+
+    def cuDeviceGetCount(self, count):
+        count._obj.value = self.devices
+        return 0
+
+
+@pytest.mark.parametrize("driver, torch_version, absent", [
+    (None, "2.14.1", True),  # no NVIDIA driver library
+    (_Driver(100, 0), "2.14.1", True),  # CUDA_ERROR_NO_DEVICE: a driver, no GPU (or CUDA_VISIBLE_DEVICES="")
+    (_Driver(0, 0), "2.14.1", True),
+    (_Driver(0, 2), "2.14.1", False),
+    (None, "2.14.1+rocm6.2", False),  # a ROCm build's "cuda" is an AMD GPU: torch decides
+])
+def test_no_cuda_here_is_sure_only_without_a_driver_or_a_device(monkeypatch, driver, torch_version, absent):
+    import ctypes
+    import importlib.metadata
+
+    from parity import eval_args
+
+    def load(name):
+        assert name == "libcuda.so.1"
+        if driver is None:
+            raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+        return driver
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", load)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: torch_version)
+    assert eval_args.no_cuda_here() is absent
+
+
 OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
                  "1.02 GiB is free")
 
@@ -926,6 +1000,22 @@ def test_agree_with_a_side_by_side_file_pairs_the_protocols(tmp_path, bit_class1
     (tmp_path / "other.json").write_text(json.dumps({"top1": 3.0}))
     assert main(args + ["--agree-with", str(tmp_path / "other.json")]) == 2
     assert "not a `parityport eval --json` result (no predictions to agree with)" in capsys.readouterr().err
+
+
+def test_agree_with_says_which_run_it_compared_with(tmp_path, capsys, monkeypatch):
+    _canned_evaluate(monkeypatch, {"original": 84.2, "hub": 83.97}, {"original": [1, 2, 3, 4], "hub": [1, 2, 0, 4]})
+    both, hub = tmp_path / "both.json", tmp_path / "hub.json"
+    args = ["--model", "m", "--data", "d", "--device", "cpu"]
+    assert main(args + ["--protocol", "original", "hub", "--json", str(both)]) == 0
+    assert main(args + ["--protocol", "hub", "--json", str(hub)]) == 0
+    capsys.readouterr()
+    assert main(args + ["--protocol", "hub", "--agree-with", str(both)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"agreement with the hub run in {both}: 100.000% of images, "
+                                                        "top-1 difference +0.000")
+    assert main(args + ["--protocol", "original", "--agree-with", str(hub), "--json", str(tmp_path / "r.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"agreement with the hub run in {hub}: 75.000% of images, "
+                                                        "top-1 difference +0.230")
+    assert json.loads((tmp_path / "r.json").read_text())["agreement"]["with"] == {"file": str(hub), "protocol": "hub"}
 
 
 def test_agree_with_another_number_of_images_stops_the_run_before_it_starts(tmp_path, folders, capsys, monkeypatch):
