@@ -183,3 +183,12 @@ def test_a_readers_own_bug_in_the_child_is_an_internal_error_with_its_traceback(
     assert "Traceback (most recent call last):" in err and any(line.startswith(bug) for line in err[:-1])
     assert err[-1].startswith(f"parityport: internal error: ParserFault: the parser failed on {tiny_npz}: {bug}")
     assert "a fault in parityport" in err[-1] and captured.out == "" and not out.exists()
+
+
+def test_the_parse_runs_under_a_lower_memory_limit_than_its_own(tiny_npz: Path, tmp_path: Path) -> None:
+    """Under `ulimit -v` below the child's limit the child keeps the lower one (a limit cannot be
+    raised); it is not a parser failure on every file."""
+    out = tmp_path / "out"
+    result = _parityport("convert", str(tiny_npz), "--out", str(out), "--no-parity", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == f"parityport: wrote {out}"

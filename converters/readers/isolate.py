@@ -48,9 +48,14 @@ class _ChildTraceback(Exception):
         return f"\n\"\"\"\n{self.args[0].rstrip()}\n\"\"\""
 
 
-def _limit_memory(limit: int) -> None:
+def _limit_memory(limit: int) -> int:
+    """Limit this process's address space to `limit` bytes, or to the lower limit it already runs
+    under (one cannot be raised: `ulimit -v`); return the limit in force."""
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps from a crashing parse
+    return limit
 
 
 # The child runs in isolated mode (-I: no current folder, no PYTHON* variables on its path), with
@@ -154,7 +159,7 @@ def _memory_ran_out(error: BaseException) -> bool:
 
 
 def _child(fd: int, memory: int) -> int:
-    _limit_memory(memory)  # set here, not in preexec_fn: the parent may run threads
+    memory = _limit_memory(memory)  # set here, not in preexec_fn: the parent may run threads
     try:
         open_checkpoint(f"/proc/self/fd/{fd}")
         verdict = {"ok": True}
