@@ -90,7 +90,8 @@ def is_stand_in(path: str | Path) -> bool:
     try:
         st = os.fstat(fd)
         tail = len(STAND_IN_COMMENT)
-        return stat.S_ISREG(st.st_mode) and st.st_size >= tail and os.pread(fd, tail, st.st_size - tail) == STAND_IN_COMMENT
+        regular = stat.S_ISREG(st.st_mode) and st.st_size >= tail
+        return regular and os.pread(fd, tail, st.st_size - tail) == STAND_IN_COMMENT
     finally:
         os.close(fd)
 

@@ -29,7 +29,8 @@ def _say(message: str) -> None:
 def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> tuple[Path, bool, str | None]:
     """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout when the
     catalog file cannot be had. Returns (path, is_synthetic, the sha256 its download recorded)."""
-    if os.path.lexists(Path(name).expanduser()):  # a file (or a link, even dangling): no catalog, no downloader (and no numpy) needed
+    # a file, or a link (even dangling, which open_source names): no catalog, no downloader, no numpy
+    if os.path.lexists(Path(name).expanduser()):
         return Path(name).expanduser(), False, None
     from checkpoints.download import cached_digest, resolve
 
@@ -61,14 +62,15 @@ def _progress(total_bytes: int, label: str):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from checkpoints.offline import is_stand_in
+    from checkpoints.offline import is_stand_in, names_stand_in
     from converters.digest import hash_in_background, identity, recorded
     from converters.readers.source import open_source
 
     dest = Path(args.out)
     src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
     opened = open_source(src)  # anything but a regular file is refused here, before any other work
-    synthetic = synthetic or is_stand_in(opened.handle)  # a stand-in given by its path, under any name, is no less random
+    # a stand-in given by its path is no less random: by its name, or under any name by its mark
+    synthetic = synthetic or names_stand_in(str(src)) or is_stand_in(opened.handle)
     # First, before numpy loads: the output's hash waits for this one (hashlib releases the GIL).
     # A download's digest vouches for the opened file only if that is the file it was recorded for.
     known = recorded(src, opened.identity) if known is not None else None

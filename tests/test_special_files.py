@@ -192,3 +192,15 @@ def test_the_parse_runs_under_a_lower_memory_limit_than_its_own(tiny_npz: Path, 
     result = _parityport("convert", str(tiny_npz), "--out", str(out), "--no-parity", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.splitlines()[-1] == f"parityport: wrote {out}"
+
+
+def test_a_stand_in_is_still_known_by_its_name_when_read_through_its_opening(tiny_npz: Path, tmp_path: Path,
+                                                                             capsys) -> None:
+    """The reads go through the opening's /proc path; the name that marks a stand-in is the user's."""
+    from parityport.cli import main
+
+    src = Path(shutil.copy(tiny_npz, tmp_path / "BiT-M-R50x1-ILSVRC2012.synthetic.npz"))  # named, not marked
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--out", str(out), "--no-parity"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"parityport: wrote {out} (SYNTHETIC weights (random values), not the published checkpoint)")

@@ -25,6 +25,9 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from converters.digest import identity
 from converters.errors import InputError, UnsafeInputError
@@ -90,7 +93,8 @@ def preflight(source: Source | str | Path, memory: int | None = None, timeout: f
         raise InputError(source.path, f"parsing the file took longer than {timeout:.0f} s; refused") from None
     if child.returncode < 0:
         name = signal.Signals(-child.returncode).name
-        raise InputError(source.path, f"the {name} signal killed the parser on this file (malformed or hostile); refused")
+        raise InputError(source.path, f"the {name} signal killed the parser on this file "
+                                      "(malformed or hostile); refused")
     _raise_reported(source, child.stdout, child.stderr, memory)
 
 
@@ -121,11 +125,12 @@ def open_isolated(source: Source | str | Path, memory: int | None = None, timeou
         checkpoint = open_checkpoint(source.handle)
     except InputError as error:
         raise _renamed(error, source) from None
-    tensors = {name: LazyTensor(t.shape, t.dtype, _through(source, t.loader)) for name, t in checkpoint.tensors.items()}
+    tensors = {name: LazyTensor(t.shape, t.dtype, _through(source, t.loader))
+               for name, t in checkpoint.tensors.items()}
     return Checkpoint(source.path, checkpoint.format, tensors, checkpoint.meta)
 
 
-def _through(source: Source, loader):
+def _through(source: Source, loader: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
     """`loader`, naming the user's path in its errors; it holds `source`, so the opening it reads
     through stays open (and its descriptor number ours) while any tensor can still be loaded."""
     def load():
