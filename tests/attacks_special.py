@@ -115,5 +115,6 @@ SPECIAL_KINDS = {
     "directory": "is a directory, not a regular file; refused",
     "socket": "is a socket, not a regular file; refused",
     "dangling_link": "is a symbolic link to '{folder}/never-written.npz', which does not exist",
-    "link_chain_to_fifo": "is a symbolic link to '{folder}/deep-pipe', a named pipe (FIFO), not a regular file; refused",
+    "link_chain_to_fifo": ("is a symbolic link to '{folder}/deep-pipe', a named pipe (FIFO), "
+                           "not a regular file; refused"),
 }

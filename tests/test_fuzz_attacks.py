@@ -172,7 +172,8 @@ class Worker:
         line = self.process.stdout.readline()
         if not line:
             code = self.process.wait()
-            return {"outcome": "crash", "detail": f"the worker died (exit {code}): {self.process.stderr.read()[-2000:]}"}
+            return {"outcome": "crash", "detail": f"the worker died (exit {code}): "
+                                                  f"{self.process.stderr.read()[-2000:]}"}
         return json.loads(line)
 
     def run(self, path: Path) -> dict:

@@ -78,7 +78,8 @@ def _npz(path: Path, **arrays: np.ndarray) -> Path:
     return path
 
 
-def _swap_after_preflight(monkeypatch: pytest.MonkeyPatch, path: Path, replacement: Path, in_place: bool = False) -> None:
+def _swap_after_preflight(monkeypatch: pytest.MonkeyPatch, path: Path, replacement: Path,
+                          in_place: bool = False) -> None:
     """Replace `path` by `replacement` the moment the isolated parse has passed it, before the main parse."""
     checked = isolate.preflight
 
@@ -101,16 +102,18 @@ def test_the_main_parse_reads_the_file_the_child_checked(tmp_path: Path, monkeyp
     assert list(np.load(src)) == ["swapped_in"]  # the path does name the other file now
 
 
-def test_a_file_rewritten_in_place_between_the_parses_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_rewritten_in_place_between_the_parses_is_refused(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     src = _npz(tmp_path / "model.npz", checked=np.arange(6, dtype=np.float32))
-    _swap_after_preflight(monkeypatch, src, _npz(tmp_path / "bomb.npz", swapped_in=np.ones(3, np.float64)), in_place=True)
+    rewrite = _npz(tmp_path / "bomb.npz", swapped_in=np.ones(3, np.float64))
+    _swap_after_preflight(monkeypatch, src, rewrite, in_place=True)
     with pytest.raises(InputError) as caught:
         isolate.open_isolated(src)
     assert str(caught.value) == f"{src}: changed while it was being read; refused"
 
 
-def test_convert_never_parses_a_file_swapped_in_after_the_isolated_parse(tiny_npz: Path, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_convert_never_parses_a_file_swapped_in_after_the_isolated_parse(
+        tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from parityport.cli import main
 
     src = Path(shutil.copy(tiny_npz, tmp_path / "model.npz"))
