@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -76,15 +77,23 @@ def names_stand_in(name: str) -> bool:
 
 def is_stand_in(path: str | Path) -> bool:
     """Whether the file at `path` is a synthetic stand-in written by `synthetic_stand_in`: by its
-    name, or, under any name, by the comment its archive ends with."""
+    name, or, under any name, by the comment its archive ends with. Only a regular file is read,
+    and only its last bytes (a device such as /dev/zero has no end to read to)."""
     if names_stand_in(str(path)):
         return True
     try:
-        with open(path, "rb") as f:
-            f.seek(-len(STAND_IN_COMMENT), os.SEEK_END)
-            return f.read() == STAND_IN_COMMENT
-    except OSError:  # missing, a folder, or shorter than the comment
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in since does not block
+    except OSError:  # missing or unreadable
         return False
+    try:
+        st = os.fstat(fd)
+        tail = len(STAND_IN_COMMENT)
+        regular = stat.S_ISREG(st.st_mode) and st.st_size >= tail
+        return regular and os.pread(fd, tail, st.st_size - tail) == STAND_IN_COMMENT
+    finally:
+        os.close(fd)
 
 
 def _mark(path: Path) -> None:

@@ -24,8 +24,9 @@ _WRITTEN: dict[str, tuple[tuple[int, ...], str]] = {}
 SIDECAR = ".sha256.json"  # `record`'s file, beside the one it describes
 
 
-def identity(path: Path) -> tuple[int, ...]:
-    """What changes when a file is replaced, rewritten or truncated: device, inode, size, mtime."""
+def identity(path: Path | int) -> tuple[int, ...]:
+    """What changes when a file is replaced, rewritten or truncated: device, inode, size, mtime (of
+    the file a path names now, or of an open descriptor's file)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -53,11 +54,12 @@ def record(path: Path, digest: str) -> None:
     os.replace(staged, sidecar)
 
 
-def recorded(path: Path) -> str | None:
-    """The digest `record` kept for `path`, or None when there is none or the file has changed since."""
+def recorded(path: Path, now: tuple[int, ...] | None = None) -> str | None:
+    """The digest `record` kept for `path`, or None when there is none or the file has changed since:
+    when its identity is not `now` (that of an opened file), or by default what the path names now."""
     try:
         kept = json.loads(path.with_name(path.name + SIDECAR).read_text())
-        now = list(identity(path))
+        now = list(identity(path) if now is None else now)
     except (OSError, ValueError):
         return None
     if not isinstance(kept, dict) or kept.get("identity") != now:

@@ -31,7 +31,8 @@ def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path,
                    say: Callable[[str], None] = _say) -> tuple[Path, bool, str | None]:
     """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout when the
     catalog file cannot be had, told to `say`. Returns (path, is_synthetic, the sha256 its download recorded)."""
-    if Path(name).expanduser().exists():  # a file: no catalog, no downloader (and no numpy) needed
+    # a file, or a link (even dangling, which open_source names): no catalog, no downloader, no numpy
+    if os.path.lexists(Path(name).expanduser()):
         return Path(name).expanduser(), False, None
     from checkpoints.download import cached_digest, resolve
 
@@ -63,16 +64,20 @@ def _progress(total_bytes: int, label: str):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from checkpoints.offline import is_stand_in
-    from converters.digest import hash_in_background, identity
+    from checkpoints.offline import is_stand_in, names_stand_in
+    from converters.digest import hash_in_background, identity, recorded
+    from converters.readers.source import open_source
 
     dest = Path(args.out)
     held: list[str] = []  # what resolve_source says, said once the folder is known to need the work
     src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, dest.parent, held.append)
-    synthetic = synthetic or is_stand_in(src)  # a stand-in given by its path, under any name, is no less random
+    opened = open_source(src)  # anything but a regular file is refused here, before any other work
+    # a stand-in given by its path is no less random: by its name, or under any name by its mark
+    synthetic = synthetic or names_stand_in(str(src)) or is_stand_in(opened.handle)
     # First, before numpy loads: the output's hash waits for this one (hashlib releases the GIL).
-    source = identity(src)
-    digest = hash_in_background(src, known)
+    # A download's digest vouches for the opened file only if that is the file it was recorded for.
+    known = recorded(src, opened.identity) if known is not None else None
+    digest = hash_in_background(opened.handle, known)
 
     from converters.export import check_destination, commit, staging, up_to_date, write_model
     from converters.readers.isolate import open_isolated
@@ -89,7 +94,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise InputError(dest, "exists; pass --force to replace it")
     for line in held:
         _say(line)
-    checkpoint = open_isolated(src)
+    checkpoint = open_isolated(opened)
     family, conversion = convert_checkpoint(checkpoint)
     _say(f"parityport: {src.name}: {family} {conversion.variant}, {len(conversion.tensors)} tensors "
          f"({len(conversion.dropped)} dropped by rule) -> {dest} [{args.dtype}]")
@@ -106,7 +111,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 os.replace(tmp, failed)
                 raise CheckFailed(f"{src}: parity FAILED ({report.failure}); "
                                   f"report kept in {failed}, nothing written to {dest}")
-        if identity(src) != source:  # its hash, CRCs and mapped pages may disagree with each other
+        if identity(src) != opened.identity:  # its hash, CRCs and mapped pages may disagree with each other
             raise InputError(src, "changed while it was being converted; nothing was written")
         _write_card(tmp, dest)
         write_sha256sums(tmp)
@@ -167,15 +172,19 @@ def _summary(report) -> str:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
+    from converters.readers.source import open_source
+
+    folder = Path(args.dir)
+    src, _, _ = resolve_source(args.src, False, folder.parent)  # a file, or a catalog name's cached file
+    opened = open_source(src)  # anything but a regular file is refused here, before any other work
+    if not (folder / "config.json").is_file():
+        raise InputError(folder, "not a converted folder (no config.json)")
+
     from converters.readers.isolate import open_isolated
     from parity.families import verify_conversion
     from parity.report import report_markdown
 
-    folder = Path(args.dir)
-    if not (folder / "config.json").is_file():
-        raise InputError(folder, "not a converted folder (no config.json)")
-    src, _, _ = resolve_source(args.src, False, folder.parent)  # a file, or a catalog name's cached file
-    checkpoint = open_isolated(src)
+    checkpoint = open_isolated(opened)
     _, conversion = convert_checkpoint(checkpoint)
     _check_same_tensors(conversion, folder, src)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from converters.errors import InputError
 from converters.readers.keras_h5 import read_keras_h5
 from converters.readers.npz import read_npz
+from converters.readers.source import check_regular
 from converters.readers.torch_pickle import LEGACY_MAGIC, read_torch
 from converters.tensors import Checkpoint
 
@@ -41,10 +42,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _head(path: Path) -> bytes:
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a checkpoint file")
+    check_regular(path)  # a FIFO would block the read below, a device never end it
     try:
         with open(path, "rb") as file:
             head = file.read(512)
