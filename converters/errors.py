@@ -53,9 +53,23 @@ class UsageParser(argparse.ArgumentParser):
 
 def print_traceback() -> None:
     """Print the traceback of the exception being handled, each line `shown`: an exception's
-    message may quote a name from the file."""
-    for line in traceback.format_exc().splitlines():
+    message may quote a name from the file, so it is one line however many newlines it holds."""
+    for line in _traceback_lines(traceback.TracebackException(*sys.exc_info())):
         print(shown(line, MESSAGE_LIMIT), file=sys.stderr)
+
+
+def _traceback_lines(exception: traceback.TracebackException):
+    """The lines `traceback.print_exc` prints, with each exception's message kept to one line."""
+    if exception.__cause__ is not None:
+        yield from _traceback_lines(exception.__cause__)
+        yield from ("", "The above exception was the direct cause of the following exception:", "")
+    elif exception.__context__ is not None and not exception.__suppress_context__:
+        yield from _traceback_lines(exception.__context__)
+        yield from ("", "During handling of the above exception, another exception occurred:", "")
+    yield "Traceback (most recent call last):"
+    for frame in exception.stack.format():
+        yield from frame.rstrip("\n").split("\n")
+    yield "".join(exception.format_exception_only()).rstrip("\n")
 
 
 def internal_error(prog: str) -> int:
