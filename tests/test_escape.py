@@ -95,3 +95,19 @@ def test_convert_under_a_hostile_file_name_prints_and_writes_it_escaped(tmp_path
     assert _cells(rows["| command"]) == 2
     data = ModelCard.load(out / "README.md").data.to_dict()
     assert data["model_name"] == _shown(src.stem)
+
+
+def test_verify_names_a_hostile_file_in_the_folder_escaped(tmp_path: Path, capsys) -> None:
+    from checkpoints.synthetic import TINY_BIT, bit_arrays, write_bit_npz
+
+    src = tmp_path / "tiny.npz"
+    write_bit_npz(src, bit_arrays(**TINY_BIT, seed=1))
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--out", str(out), "--no-parity"]) == 0
+    (out / f"x{INJECTION}").write_text("planted")
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert _printable(captured.out) and _printable(captured.err)
+    assert f"  x{INJECTION_SHOWN}: not listed in SHA256SUMS" in captured.out.splitlines()
+    assert captured.err.count("\n") == 1
