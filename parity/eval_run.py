@@ -27,7 +27,6 @@ import queue
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -35,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from converters.errors import InputError, UsageParser, internal_error
+from converters.display import MESSAGE_LIMIT, PATH_LIMIT, shown
+from converters.errors import InputError, UsageParser, internal_error, print_traceback
 from parity.eval_args import HALF_NAMES, PRECISIONS, add_eval_arguments
 from parity.eval_data import (
     BytesDataset,
@@ -607,9 +607,9 @@ def run_eval(args: argparse.Namespace) -> int:
         _add_published(results, Path(args.model))
     except (InputError, OSError) as error:  # OSError: a folder that cannot be read, under either entry point
         if getattr(args, "debug", False):  # the traceback, and still exit 2 (bad input)
-            traceback.print_exc()
-        where = f"{error.filename}: " if isinstance(error, OSError) and error.filename else ""
-        problem = error.strerror or error if isinstance(error, OSError) else error
+            print_traceback()
+        where = f"{shown(error.filename, PATH_LIMIT)}: " if isinstance(error, OSError) and error.filename else ""
+        problem = shown(error.strerror or error, MESSAGE_LIMIT) if isinstance(error, OSError) else error
         print(f"parityport eval: error: {where}{problem}", file=sys.stderr)
         return 2
     result = results[0]

@@ -111,3 +111,16 @@ def test_verify_names_a_hostile_file_in_the_folder_escaped(tmp_path: Path, capsy
     assert _printable(captured.out) and _printable(captured.err)
     assert f"  x{INJECTION_SHOWN}: not listed in SHA256SUMS" in captured.out.splitlines()
     assert captured.err.count("\n") == 1
+
+
+def test_an_os_error_on_a_hostile_output_path_is_one_escaped_line(tmp_path: Path, capsys) -> None:
+    from checkpoints.synthetic import TINY_BIT, bit_arrays, write_bit_npz
+
+    src = tmp_path / "tiny.npz"
+    write_bit_npz(src, bit_arrays(**TINY_BIT, seed=1))
+    parent = tmp_path / f"f{INJECTION}"
+    parent.write_text("a file, not a folder")
+    assert main(["convert", str(src), "--out", str(parent / "out"), "--no-parity"]) == 2
+    err = capsys.readouterr().err
+    assert _printable(err)
+    assert err.splitlines()[-1] == f"parityport: error: {_shown(parent)}: File exists"
