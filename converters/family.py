@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from converters.display import shown_list
 from converters.errors import InputError
 from converters.tensors import Checkpoint, LazyTensor
 
@@ -47,7 +48,7 @@ def detect_family(checkpoint: Checkpoint, detectors: Mapping[str, Detector]) -> 
     """The one family whose detector accepts `checkpoint`, or an InputError saying none did."""
     found = [name for name, accepts in detectors.items() if accepts(checkpoint)]
     if len(found) != 1:
-        sample = ", ".join(list(checkpoint.tensors)[:4]) or "no tensors"
+        sample = shown_list(checkpoint.tensors, 4) or "no tensors"
         raise InputError(checkpoint.path, f"not a BiT or data2vec-vision checkpoint "
                                           f"({checkpoint.format}; first keys: {sample})")
     return found[0]

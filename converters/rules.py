@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from converters.display import shown_list
 from converters.errors import InputError
 from converters.tensors import SAFETENSORS_TAGS, LazyTensor
 
@@ -407,5 +408,4 @@ def _source_name(rules: Sequence[Rule], target: str) -> str:
 
 
 def _some(keys: Sequence[str], n: int = 3) -> str:
-    head = ", ".join(keys[:n])
-    return head + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+    return shown_list(keys, n)

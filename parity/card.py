@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from converters.display import MESSAGE_LIMIT, PATH_LIMIT, shown, shown_markdown, shown_markdown_code
 from converters.errors import InputError
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ _HUB_LICENSES = {"apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0
                  "cc-by-nc-sa-4.0", "cc0-1.0"}
 _IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"
 _SYNTHETIC = "SYNTHETIC"  # how parity.json's first note marks a synthetic source
+COMMAND_LIMIT = MESSAGE_LIMIT + 2 * PATH_LIMIT  # a convert command names two paths besides its options
 
 
 # ---- what the folder says ----------------------------------------------------------------------
@@ -216,11 +218,11 @@ def _header(facts: dict[str, Any], evals: Sequence[dict[str, Any]], entry, name:
 
     family = facts["meta"].get("family") or facts["config"].get("model_type", "unknown")
     datasets = ["imagenet-1k"] if evals or _num_labels(facts["config"]) == 1000 else None
-    extra = {"parityport": {"command": command}} if command else {}
+    extra = {"parityport": {"command": shown(command, COMMAND_LIMIT)}} if command else {}
     task = "image-classification" if is_classifier(facts["config"]) else "image-feature-extraction"
     data = ModelCardData(library_name="transformers", pipeline_tag=task,
                          tags=["parityport", family, task], datasets=datasets,
-                         model_name=name, eval_results=eval_results(evals, entry) or None,
+                         model_name=shown(name, PATH_LIMIT), eval_results=eval_results(evals, entry) or None,
                          **license_fields(entry), **extra)
     return data.to_yaml().rstrip("\n") + "\n"
 
@@ -244,13 +246,14 @@ def _sci(value: Any) -> str:
 def _provenance(facts: dict[str, Any], entry, command: str | None) -> list[str]:
     meta, weights = facts["meta"], facts["weights"]
     files = weights[0] if len(weights) == 1 else f"{len(weights)} shards + model.safetensors.index.json"
-    rows = [("source file", f"`{meta.get('source_file', 'unknown')}` ({meta.get('source_format', '?')})"),
-            ("source sha256", f"`{meta.get('source_sha256', 'unknown')}`"),
+    rows = [("source file", f"{shown_markdown_code(meta.get('source_file', 'unknown'), PATH_LIMIT)} "
+                            f"({shown_markdown(meta.get('source_format', '?'))})"),
+            ("source sha256", shown_markdown_code(meta.get('source_sha256', 'unknown'))),
             ("catalog entry", f"{entry.name} ({entry.url or 'no URL'})" if entry else "not in the catalog"),
             ("converter", f"{meta.get('converter', 'unknown')} {meta.get('converter_version', '')}".strip()),
             ("converted as", f"{meta.get('family', '?')} {meta.get('variant', '?')}"),
             ("weights", f"{files}, {facts['config'].get('torch_dtype', 'float32')}"),
-            ("command", f"`{command}`" if command else "not recorded")]
+            ("command", shown_markdown_code(command, COMMAND_LIMIT) if command else "not recorded")]
     return ["## Provenance", "", *_table(("", ""), rows), "",
             "Every file in this folder is listed with its sha256 in `SHA256SUMS`; "
             "`parityport verify DIR` re-checks them, loads the model strictly and runs it.", ""]
@@ -375,8 +378,9 @@ def model_card(folder: Path, evals: list[dict], command: str | None, model_id: s
     architecture = (facts["config"].get("architectures") or ["?"])[0]
     synthetic = is_synthetic(facts["parity"], meta)
     remote = "auto_map" in facts["config"]
-    lines = [f"# {name}: transformers `{architecture}`", "",
-             f"The original {meta.get('family', '')} checkpoint `{meta.get('source_file', '?')}` converted "
+    lines = [f"# {shown_markdown(name, PATH_LIMIT)}: transformers `{architecture}`", "",
+             f"The original {meta.get('family', '')} checkpoint "
+             f"{shown_markdown_code(meta.get('source_file', '?'), PATH_LIMIT)} converted "
              "to safetensors by parityport, with a layer-by-layer parity record against the source "
              "framework.", ""]
     if synthetic:

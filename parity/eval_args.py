@@ -14,11 +14,11 @@ import importlib.metadata
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from converters.errors import InputError
+from converters.display import MESSAGE_LIMIT, PATH_LIMIT, shown
+from converters.errors import InputError, print_traceback
 
 PROTOCOL_NAMES = ("original", "hub", "timm")  # resolved by parity/protocols.py
 DECODERS = ("gpu", "nvimgcodec", "cpu")  # where fast-path JPEGs are decoded: parity/eval_decode.py
@@ -171,10 +171,10 @@ def check_before_torch(args: argparse.Namespace) -> None:
 
 def refuse(error: InputError | OSError, args: argparse.Namespace) -> int:
     """Print `parityport eval`'s one line for bad input (the traceback first with --debug) and return 2."""
-    if getattr(args, "debug", False):
-        traceback.print_exc()
-    where = f"{error.filename}: " if isinstance(error, OSError) and error.filename else ""
-    problem = error.strerror or error if isinstance(error, OSError) else error
+    if getattr(args, "debug", False):  # the traceback, and still exit 2 (bad input)
+        print_traceback()
+    where = f"{shown(error.filename, PATH_LIMIT)}: " if isinstance(error, OSError) and error.filename else ""
+    problem = shown(error.strerror or error, MESSAGE_LIMIT) if isinstance(error, OSError) else error
     print(f"parityport eval: error: {where}{problem}", file=sys.stderr)
     return 2
 

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from converters.display import MESSAGE_LIMIT, PATH_LIMIT, shown
 from converters.errors import CheckFailed, InputError
 
 SUMS_FILE = "SHA256SUMS"
@@ -195,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise InputError(folder, "no such folder")
     problems = verify(folder)
-    for problem in problems:
-        print(f"  {problem}")
+    for problem in problems:  # a problem names a file listed in the folder's SHA256SUMS
+        print(f"  {shown(problem, MESSAGE_LIMIT)}")
     if problems:
         raise CheckFailed(f"{folder}: verification FAILED: {problems[0]}"
                           + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -204,6 +205,6 @@ def run(args: argparse.Namespace) -> int:
 
     synthetic = "; its weights are a SYNTHETIC stand-in (random values), not the published checkpoint"
     outputs = "logits" if is_classifier(_config(folder)) else "features"
-    print(f"{folder}: verified (checksums, parity record, strict load, finite {outputs} on the photo)"
+    print(f"{shown(folder, PATH_LIMIT)}: verified (checksums, parity record, strict load, finite {outputs} on the photo)"
           + (synthetic if folder_is_synthetic(folder) else ""))
     return 0

@@ -11,11 +11,11 @@ import argparse
 import os
 import shutil
 import sys
-import traceback
 from pathlib import Path
 from typing import Callable
 
-from converters.errors import CheckFailed, InputError, UsageParser, internal_error
+from converters.display import MESSAGE_LIMIT, PATH_LIMIT, shown
+from converters.errors import CheckFailed, InputError, UsageParser, internal_error, print_traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,9 +50,9 @@ def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path,
         except InputError:  # not a catalog name: the first error says what SRC is not
             raise e from None
         path = synthetic_stand_in(entry, out_parent / "synthetic")
-        say(f"parityport: {e.problem}")
+        say(f"parityport: {shown(e.problem, MESSAGE_LIMIT)}")
         say(f"parityport: NOT the real weights: converting a synthetic file in the exact "
-            f"{entry.name} layout (random values): {path}")
+            f"{entry.name} layout (random values): {shown(path, PATH_LIMIT)}")
         return path, True, None
 
 
@@ -88,16 +88,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_destination(src, dest)
     if dest.exists() and any(dest.iterdir()) and not args.force:  # an empty folder has nothing to lose
         if up_to_date(dest, digest.result(), args.dtype, verified=not args.no_parity):
-            _say(f"parityport: {dest} is already a{'' if args.no_parity else ' verified'} {args.dtype} "
-                 f"conversion of {src.name}; nothing to do")
+            _say(f"parityport: {shown(dest, PATH_LIMIT)} is already a{'' if args.no_parity else ' verified'} "
+                 f"{args.dtype} conversion of {shown(src.name, PATH_LIMIT)}; nothing to do")
             return 0
         raise InputError(dest, "exists; pass --force to replace it")
     for line in held:
         _say(line)
     checkpoint = open_isolated(opened)
     family, conversion = convert_checkpoint(checkpoint)
-    _say(f"parityport: {src.name}: {family} {conversion.variant}, {len(conversion.tensors)} tensors "
-         f"({len(conversion.dropped)} dropped by rule) -> {dest} [{args.dtype}]")
+    _say(f"parityport: {shown(src.name, PATH_LIMIT)}: {family} {conversion.variant}, {len(conversion.tensors)} "
+         f"tensors ({len(conversion.dropped)} dropped by rule) -> {shown(dest, PATH_LIMIT)} [{args.dtype}]")
     with staging(dest) as tmp:
         bar, on_tensor = _progress(sum(t.nbytes for t in conversion.tensors.values()), "writing")
         with bar:
@@ -118,7 +118,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         commit(tmp, dest)
     done = [] if args.no_parity else ["parity passed"]
     done += ["SYNTHETIC weights (random values), not the published checkpoint"] if synthetic else []
-    _say(f"parityport: wrote {dest}" + (f" ({'; '.join(done)})" if done else ""))
+    _say(f"parityport: wrote {shown(dest, PATH_LIMIT)}" + (f" ({'; '.join(done)})" if done else ""))
     return 0
 
 
@@ -207,8 +207,8 @@ def _check_same_tensors(conversion, folder: Path, src: Path) -> None:
     reshaped = sorted(k for k in expected.keys() & stored.keys() if expected[k] != stored[k])
     if missing or extra or reshaped:
         found = read_json(folder / "config.json").get("model_type", "none")
-        example = (f"{missing[0]} missing" if missing else f"{extra[0]} not in {src.name}" if extra
-                   else f"{reshaped[0]} is {list(stored[reshaped[0]])}, not {list(expected[reshaped[0]])}")
+        example = (f"{shown(missing[0])} missing" if missing else f"{shown(extra[0])} not in {src.name}" if extra
+                   else f"{shown(reshaped[0])} is {list(stored[reshaped[0]])}, not {list(expected[reshaped[0]])}")
         raise InputError(folder, f"does not hold the model {src} converts to ({conversion.family} "
                                  f"{conversion.variant}; the folder's model_type: {found}): {len(missing)} tensors missing, "
                                  f"{len(extra)} unexpected, {len(reshaped)} of other shapes (e.g. {example})")
@@ -312,7 +312,7 @@ def _failed(args: argparse.Namespace, message: str, code: int) -> int:
     """Say `message` and return `code`; --debug prints the traceback first but keeps the exit code,
     so a script still tells bad input (2) from a failed check (1)."""
     if args.debug:
-        traceback.print_exc()
+        print_traceback()
     _say(message)
     return code
 
@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as e:
         return _failed(args, f"parityport: {e}", 1)
     except OSError as e:  # where parityport writes: a full disk, no permission, a parent that is a file
-        return _failed(args, f"parityport: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", 2)
+        where = f"{shown(e.filename, PATH_LIMIT)}: " if e.filename else ""
+        return _failed(args, f"parityport: error: {where}{shown(e.strerror or e, MESSAGE_LIMIT)}", 2)
     except KeyboardInterrupt:
         _say("parityport: interrupted; no output folder was changed")
         return 130
