@@ -51,6 +51,10 @@ class UsageParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class QuotedTraceback(Exception):
+    """An exception whose message is another process's traceback: printed a line per line, each `shown`."""
+
+
 def print_traceback() -> None:
     """Print the traceback of the exception being handled, each line `shown`: an exception's
     message may quote a name from the file, so it is one line however many newlines it holds."""
@@ -69,7 +73,9 @@ def _traceback_lines(exception: traceback.TracebackException):
     yield "Traceback (most recent call last):"
     for frame in exception.stack.format():
         yield from frame.rstrip("\n").split("\n")
-    yield "".join(exception.format_exception_only()).rstrip("\n")
+    last = "".join(exception.format_exception_only()).rstrip("\n")
+    quoted = isinstance(exception.exc_type, type) and issubclass(exception.exc_type, QuotedTraceback)
+    yield from last.split("\n") if quoted else (last,)
 
 
 def internal_error(prog: str) -> int:

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from converters.digest import identity
-from converters.errors import InputError, UnsafeInputError
+from converters.errors import InputError, QuotedTraceback, UnsafeInputError
 from converters.readers.detect import open_checkpoint
 from converters.readers.source import Source, open_source
 from converters.tensors import Checkpoint, LazyTensor
@@ -44,7 +44,7 @@ class ParserFault(Exception):
     parityport's readers (exit 3). Its cause carries the child's traceback."""
 
 
-class _ChildTraceback(Exception):
+class _ChildTraceback(QuotedTraceback):
     """The child's traceback, shown as the cause of a `ParserFault`."""
 
     def __str__(self) -> str:
