@@ -26,9 +26,10 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------
 # convert / parity
 
-def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> tuple[Path, bool, str | None]:
-    """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout when the
-    catalog file cannot be had. Returns (path, is_synthetic, the sha256 its download recorded)."""
+def resolve_source(name: str, synthetic_if_offline: bool) -> tuple[Path, bool, str | None]:
+    """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout (kept in the
+    cache's `synthetic/` folder) when the catalog file cannot be had. Returns (path, is_synthetic,
+    the sha256 its download recorded)."""
     if Path(name).expanduser().exists():  # a file: no catalog, no downloader (and no numpy) needed
         return Path(name).expanduser(), False, None
     from checkpoints.download import cached_digest, resolve
@@ -40,17 +41,23 @@ def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path) -> t
         if not synthetic_if_offline:
             raise
         from checkpoints.catalog import lookup
-        from checkpoints.offline import synthetic_stand_in
+        from checkpoints.offline import stand_in
 
         try:
             entry = lookup(name)
         except InputError:  # not a catalog name: the first error says what SRC is not
             raise e from None
-        path = synthetic_stand_in(entry, out_parent / "synthetic")
+        if entry.kind == "fixture" or entry.broken:  # the first error already says what to do instead
+            raise
+        try:
+            plan = stand_in(entry)
+        except InputError as none:  # still say where the real file comes from and goes
+            raise InputError(None, f"{e.problem}; {none.problem}") from None
+        where = f"kept from an earlier run in {plan.path}" if plan.exists else f"writing it to {plan.path}"
+        _say(f"parityport: NOT the real weights: converting a synthetic stand-in in the exact {entry.name} "
+             f"layout (random values), {where}")
         _say(f"parityport: {e.problem}")
-        _say(f"parityport: NOT the real weights: converting a synthetic file in the exact "
-             f"{entry.name} layout (random values): {path}")
-        return path, True, None
+        return plan.write(), True, None
 
 
 def _progress(total_bytes: int, label: str):
@@ -65,7 +72,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from converters.digest import hash_in_background, identity
 
     dest = Path(args.out)
-    src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, dest.parent)
+    src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline)
     synthetic = synthetic or is_stand_in(src)  # a stand-in given by its path, under any name, is no less random
     # First, before numpy loads: the output's hash waits for this one (hashlib releases the GIL).
     source = identity(src)
@@ -169,7 +176,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     if not (folder / "config.json").is_file():
         raise InputError(folder, "not a converted folder (no config.json)")
-    src, _, _ = resolve_source(args.src, False, folder.parent)  # a file, or a catalog name's cached file
+    src, _, _ = resolve_source(args.src, False)  # a file, or a catalog name's cached file
     checkpoint = open_isolated(src)
     _, conversion = convert_checkpoint(checkpoint)
     _check_same_tensors(conversion, folder, src)
