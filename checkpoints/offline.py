@@ -105,10 +105,10 @@ def is_stand_in(path: str | Path) -> bool:
         return False
 
 
-def _mark(path: Path, fmt: str) -> None:
+def _mark(path: Path) -> None:
     """End the file at `path` with `STAND_IN_COMMENT`: as its zip archive's comment (rewriting only
-    the central directory), or, for HDF5, which reads nothing past its own end, appended."""
-    if fmt == "h5":
+    the central directory), or appended to any other file (HDF5 reads nothing past its own end)."""
+    if not zipfile.is_zipfile(path):
         with open(path, "ab") as f:
             f.write(STAND_IN_COMMENT)
         return
@@ -153,7 +153,7 @@ class StandIn:
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         try:
             WRITERS[self.entry.family](self.entry, partial)
-            _mark(partial, self.entry.format)
+            _mark(partial)
             fsync_path(partial)
             os.replace(partial, self.path)
         except BaseException:
