@@ -397,4 +397,5 @@ def fixture_message(entry: Entry) -> str:
     trainer = entry.extra.get("trainer")
     make = (f"make it with `python -m {trainer} --out DIR` and convert DIR/{entry.filename}, or save that file as "
             if trainer else "save it as ")
-    return f"checkpoint '{entry.name}' is a fixture the project trains, not a download: {make}{cache_dir() / entry.filename}"
+    return (f"checkpoint '{entry.name}' is a fixture the project trains, not a download: "
+            f"{make}{cache_dir() / entry.filename}")

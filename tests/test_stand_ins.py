@@ -97,8 +97,10 @@ def test_the_smallest_stand_ins_convert(name, parity, tmp_path, offline_cache, c
     3 min each on two loaded cores, so behind `slow`; without, about 12 s)."""
     entry = lookup(name)
     out = tmp_path / "out" / "X"
-    assert main(["convert", name, "--out", str(out), "--synthetic-if-offline"] + ([] if parity else ["--no-parity"])) == 0
-    stand_in = offline_cache / "synthetic" / f"{entry.filename.removesuffix('.' + entry.format)}.synthetic.{entry.format}"
+    flags = ["--synthetic-if-offline"] + ([] if parity else ["--no-parity"])
+    assert main(["convert", name, "--out", str(out), *flags]) == 0
+    stem = entry.filename.removesuffix("." + entry.format)
+    stand_in = offline_cache / "synthetic" / f"{stem}.synthetic.{entry.format}"
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == (f"parityport: NOT the real weights: converting a synthetic stand-in in the exact {name} "
                         f"layout (random values), writing it to {stand_in}")
@@ -107,7 +109,8 @@ def test_the_smallest_stand_ins_convert(name, parity, tmp_path, offline_cache, c
                         f"{offline_cache / entry.filename}")
     assert lines[2].startswith(f"parityport: {stand_in.name}: bit R50x1, 153 tensors (0 dropped by rule)")
     done = "parity passed; " if parity else ""
-    assert lines[-1] == f"parityport: wrote {out} ({done}SYNTHETIC weights (random values), not the published checkpoint)"
+    assert lines[-1] == (f"parityport: wrote {out} ({done}SYNTHETIC weights (random values), "
+                         "not the published checkpoint)")
     assert offline.is_stand_in(stand_in) and _files(offline_cache) == ["synthetic", f"synthetic/{stand_in.name}"]
     assert len(json.loads((out / "config.json").read_text())["id2label"]) == entry.classes
     if parity:
