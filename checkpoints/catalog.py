@@ -323,13 +323,16 @@ def format_table(entries: Iterable[Entry]) -> str:
 
     Columns: name, family, format (marked "(broken)" for a file known to be
     unconvertible), classes ("-" for a headless model), published top-1 with its
-    image size, and the figure's source.
+    image size, and the figure's source. Below the table, one line per broken
+    file gives the catalog's reason.
     """
+    entries = list(entries)
     header = ("name", "family", "format", "classes", "top-1", "source")
     rows = [header] + [_table_row(e) for e in entries]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    broken = [f"{e.name} (broken): {e.broken}" for e in entries if e.broken]
+    return "\n".join([line.rstrip() for line in lines] + ([""] + broken if broken else []))
 
 
 def _table_row(entry: Entry) -> tuple[str, str, str, str, str, str]:

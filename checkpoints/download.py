@@ -153,13 +153,14 @@ def fetch(
     else:
         url = entry_or_url
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    made = make_folders(dest.parent)
     partial = dest.with_name(dest.name + ".partial")
     with _locked(partial) as f:
         try:
             got = _download(url, f, dest.name, progress=progress, timeout=timeout, attempts=attempts)
         except BaseException:
             _remove_if_empty(partial)  # keep bytes worth resuming, not an empty husk
+            remove_empty(made)
             raise
         _check_size(f, partial, dest, size, url)
         _verify(got, f, partial, dest, sha256)
@@ -170,6 +171,20 @@ def fetch(
     with contextlib.suppress(OSError):  # some filesystems refuse to fsync a folder: harmless here
         fsync_path(dest.parent)
     return dest
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return those it created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` (outermost first, as `make_folders` returns them) left empty."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):  # not empty: something else lives there now
+            folder.rmdir()
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -335,7 +350,8 @@ def resolve(name_or_path: str, *, offline: bool = False) -> Path:
 
     When the file is not cached and cannot be fetched (`offline`, an unreachable
     host, a broken link, an HTTP error) the `InputError` says the URL to fetch
-    it from and the full path to save it as.
+    it from and the full path to save it as; for a trained fixture, the command
+    that trains it. An entry the catalog marks broken is refused with its reason.
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -346,9 +362,13 @@ def resolve(name_or_path: str, *, offline: bool = False) -> Path:
         if os.sep in name_or_path or "/" in name_or_path:
             raise InputError(name_or_path, "no such file, and not a catalog name (parityport catalog lists them)") from None
         raise
+    if entry.broken:
+        raise InputError(None, broken_message(entry))
     cached = cached_path(entry)
     if cached is not None:
         return cached
+    if entry.kind == "fixture":
+        raise InputError(None, fixture_message(entry))
     if entry.url is None:
         raise InputError(None, f"checkpoint '{entry.name}' is not in the cache and has no download URL; "
                                f"save it as {cache_dir() / entry.filename}")
@@ -364,3 +384,18 @@ def not_cached_message(entry: Entry, reason: str) -> str:
     """The one-line instruction given when `entry` is not cached and cannot be downloaded."""
     return (f"checkpoint '{entry.name}' is not in the cache and could not be downloaded ({reason}); "
             f"download {entry_url(entry)} and save it as {cache_dir() / entry.filename}")
+
+
+def broken_message(entry: Entry) -> str:
+    """The one-line refusal of an entry the catalog marks broken, with the catalog's reason."""
+    return f"checkpoint '{entry.name}' cannot be converted: {entry.broken}"
+
+
+def fixture_message(entry: Entry) -> str:
+    """The one-line instruction for a trained fixture that is not in the cache: it is never downloaded,
+    and a stand-in of random values would not be the trained model the catalog's figure measures."""
+    trainer = entry.extra.get("trainer")
+    make = (f"make it with `python -m {trainer} --out DIR` and convert DIR/{entry.filename}, or save that file as "
+            if trainer else "save it as ")
+    return (f"checkpoint '{entry.name}' is a fixture the project trains, not a download: "
+            f"{make}{cache_dir() / entry.filename}")

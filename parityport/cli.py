@@ -27,10 +27,11 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------
 # convert / parity
 
-def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path,
+def resolve_source(name: str, synthetic_if_offline: bool,
                    say: Callable[[str], None] = _say) -> tuple[Path, bool, str | None]:
-    """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout when the
-    catalog file cannot be had, told to `say`. Returns (path, is_synthetic, the sha256 its download recorded)."""
+    """A local file for SRC; with `synthetic_if_offline`, a stand-in in the exact layout (kept in the
+    cache's `synthetic/` folder) when the catalog file cannot be had, told to `say`. Returns (path,
+    is_synthetic, the sha256 its download recorded)."""
     # a file, or a link (even dangling, which open_source names): no catalog, no downloader, no numpy
     if os.path.lexists(Path(name).expanduser()):
         return Path(name).expanduser(), False, None
@@ -43,17 +44,24 @@ def resolve_source(name: str, synthetic_if_offline: bool, out_parent: Path,
         if not synthetic_if_offline:
             raise
         from checkpoints.catalog import lookup
-        from checkpoints.offline import synthetic_stand_in
+        from checkpoints.offline import stand_in
 
         try:
             entry = lookup(name)
         except InputError:  # not a catalog name: the first error says what SRC is not
             raise e from None
-        path = synthetic_stand_in(entry, out_parent / "synthetic")
+        if entry.kind == "fixture" or entry.broken:  # the first error already says what to do instead
+            raise
+        try:
+            plan = stand_in(entry)
+        except InputError as none:  # still say where the real file comes from and goes
+            raise InputError(None, f"{e.problem}; {none.problem}") from None
+        where = (f"kept from an earlier run in {shown(plan.path, PATH_LIMIT)}" if plan.exists
+                 else f"writing it to {shown(plan.path, PATH_LIMIT)}")
+        say(f"parityport: NOT the real weights: converting a synthetic stand-in in the exact {entry.name} "
+            f"layout (random values), {where}")
         say(f"parityport: {shown(e.problem, MESSAGE_LIMIT)}")
-        say(f"parityport: NOT the real weights: converting a synthetic file in the exact "
-            f"{entry.name} layout (random values): {shown(path, PATH_LIMIT)}")
-        return path, True, None
+        return plan.write(), True, None
 
 
 def _progress(total_bytes: int, label: str):
@@ -70,7 +78,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     dest = Path(args.out)
     held: list[str] = []  # what resolve_source says, said once the folder is known to need the work
-    src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, dest.parent, held.append)
+    src, synthetic, known = resolve_source(args.src, args.synthetic_if_offline, held.append)
     opened = open_source(src)  # anything but a regular file is refused here, before any other work
     # a stand-in given by its path is no less random: by its name, or under any name by its mark
     synthetic = synthetic or names_stand_in(str(src)) or is_stand_in(opened.handle)
@@ -175,7 +183,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from converters.readers.source import open_source
 
     folder = Path(args.dir)
-    src, _, _ = resolve_source(args.src, False, folder.parent)  # a file, or a catalog name's cached file
+    src, _, _ = resolve_source(args.src, False)  # a file, or a catalog name's cached file
     opened = open_source(src)  # anything but a regular file is refused here, before any other work
     if not (folder / "config.json").is_file():
         raise InputError(folder, "not a converted folder (no config.json)")

@@ -119,11 +119,12 @@ def test_lookup_unknown_names_suggest_close_ones() -> None:
 
 def test_format_table() -> None:
     table = format_table([lookup("BiT-M-R50x1-ILSVRC2012"), lookup("BiT-S-R50x3.h5"), lookup("data2vec2-vision-base")])
-    header, ft, broken, headless = table.splitlines()
+    header, ft, broken, headless, blank, reason = table.splitlines()
     assert header.split() == ["name", "family", "format", "classes", "top-1", "source"]
     assert ft.split()[:6] == ["BiT-M-R50x1-ILSVRC2012", "bit", "npz", "1000", "80.386", "@448"]
     assert ft.endswith("timm results-imagenet.csv, resnetv2_50x1_bit.goog_in21k_ft_in1k")
     assert "h5 (broken)" in broken and headless.split()[-3:] == ["-", "-", "-"]
+    assert blank == "" and reason == f"BiT-S-R50x3.h5 (broken): {lookup('BiT-S-R50x3.h5').broken}"
     assert len({line.index(line.split()[1]) for line in (header, ft)}) == 1  # aligned columns
 
 

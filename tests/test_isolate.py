@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from checkpoints.synthetic import bit_arrays, write_bit_npz
+from checkpoints.synthetic import bit_arrays, write_bit_h5, write_bit_npz
 from converters.errors import InputError, UnsafeInputError
 from converters.readers import isolate
 
@@ -79,10 +79,11 @@ def test_timeout_is_enforced(tmp_path, monkeypatch):
         isolate.preflight(path, timeout=1)
 
 
-@pytest.mark.parametrize("fmt", ["npz", "pth"])
+@pytest.mark.parametrize("fmt", ["npz", "pth", "h5"])
 def test_a_stand_ins_mark_changes_nothing_a_reader_sees(tmp_path, monkeypatch, fmt):
-    """`synthetic_stand_in` ends its archive with a comment that names it a stand-in under any file
-    name; the readers, numpy and torch read the same tensors from it as from the unmarked file."""
+    """`synthetic_stand_in` ends its file (a zip archive's comment; bytes after an HDF5 file) with a
+    mark that names it a stand-in under any file name; the readers, numpy, torch and h5py read the
+    same tensors from it as from the unmarked file."""
     import shutil
 
     import torch
@@ -93,13 +94,15 @@ def test_a_stand_ins_mark_changes_nothing_a_reader_sees(tmp_path, monkeypatch, f
     def tiny(entry, path):  # a small file in the entry's container, in place of the full-size one
         if fmt == "npz":
             write_bit_npz(path, bit_arrays(depths=(1, 1, 1, 1), root_width=32, num_classes=3))
+        elif fmt == "h5":
+            write_bit_h5(path, bit_arrays(depths=(1, 1, 1, 1), root_width=32, num_classes=3))
         else:
             torch.save({"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}}, path)
 
-    name = {"npz": "BiT-M-R50x1-ILSVRC2012", "pth": "data2vec-vision-base-800ep"}[fmt]
+    name = {"npz": "BiT-M-R50x1-ILSVRC2012", "pth": "data2vec-vision-base-800ep", "h5": "BiT-S-R50x1.h5"}[fmt]
     monkeypatch.setitem(offline.WRITERS, lookup(name).family, tiny)
     marked = offline.synthetic_stand_in(lookup(name), tmp_path / "synthetic")
-    assert marked.name == f"{name}.synthetic.{fmt}"
+    assert marked.name == f"{name.removesuffix('.h5')}.synthetic.{fmt}"
     renamed = shutil.copy(marked, tmp_path / f"{name}.{fmt}")
     plain = tmp_path / f"plain.{fmt}"
     tiny(None, plain)
@@ -112,5 +115,10 @@ def test_a_stand_ins_mark_changes_nothing_a_reader_sees(tmp_path, monkeypatch, f
     if fmt == "npz":
         with np.load(renamed) as a, np.load(plain) as b:
             assert all(np.array_equal(a[k], b[k]) for k in b.files) and a.files == b.files
+    elif fmt == "h5":
+        import h5py
+
+        with h5py.File(renamed, "r") as a, h5py.File(plain, "r") as b:
+            assert list(a.attrs["layer_names"]) == list(b.attrs["layer_names"])
     else:
         assert torch.equal(torch.load(renamed)["model"]["w"], torch.arange(6.0).reshape(2, 3))
