@@ -334,7 +334,7 @@ def apply_rules(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule],
             continue
         rule, values = _first_match(rules, key)
         if rule is None:
-            raise InputError(path, f"no rule for {_some([k for k in tensors if _first_match(rules, k)[0] is None])}")
+            raise InputError(path, f"no rule for {some_names([k for k in tensors if _first_match(rules, k)[0] is None])}")
         if isinstance(rule, Drop):
             dropped[key] = rule.why
             consumed.add(key)
@@ -342,7 +342,7 @@ def apply_rules(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule],
         sources = [t.render(values) for t in rule.sources]
         missing = [s for s in sources if s not in tensors]
         if missing:
-            raise InputError(path, f"missing keys: {_some(missing)} (needed with {key})")
+            raise InputError(path, f"missing keys: {some_names(missing)} (needed with {key})")
         _check_dtypes({s: tensors[s] for s in sources}, path)
         consumed.update(sources)
         targets = [t.render(values) for t in rule.targets]
@@ -388,10 +388,10 @@ def _check_expected(out: Mapping[str, LazyTensor], expected: Mapping[str, tuple[
     missing = [k for k in expected if k not in out]
     if missing:
         names = list(dict.fromkeys(_source_name(rules, k) for k in missing))
-        raise InputError(path, f"missing keys: {_some(names)}")
+        raise InputError(path, f"missing keys: {some_names(names)}")
     extra = [k for k in out if k not in expected]
     if extra:
-        raise InputError(path, f"unexpected keys: {_some(extra)}")
+        raise InputError(path, f"unexpected keys: {some_names(extra)}")
     for k, shape in expected.items():
         if tuple(out[k].shape) != tuple(shape):
             raise InputError(path, f"{k}: shape {list(out[k].shape)}, expected {list(shape)}")
@@ -406,6 +406,7 @@ def _source_name(rules: Sequence[Rule], target: str) -> str:
     return target
 
 
-def _some(keys: Sequence[str], n: int = 3) -> str:
+def some_names(keys: Sequence[str], n: int = 3) -> str:
+    """The first `n` of `keys`, comma-separated, and how many more there are: "a, b, c (+2 more)"."""
     head = ", ".join(keys[:n])
     return head + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
