@@ -9,6 +9,7 @@ same destination never sweeps a folder that is still being written.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -143,9 +144,12 @@ def staging(dest: Path) -> Iterator[Path]:
     published with the folder), taken before the folder exists and released after
     the folder was committed or removed.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(dest)
-    lock, tmp = _locked_folder(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(dest)
+        lock, tmp = _locked_folder(dest)
+    except OSError as error:
+        raise _unwritable(dest, error) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -156,6 +160,18 @@ def staging(dest: Path) -> Iterator[Path]:
         raise
     finally:
         _unlock(lock, tmp)
+
+
+def _unwritable(dest: Path, error: OSError) -> Exception:
+    """The InputError naming the folder `dest` cannot be made in, for an `error` that says so (a
+    read-only file system, no permission, a file where a folder should be); other errors as they are."""
+    folder = next(p for p in (dest.parent, *dest.parent.parents) if os.path.lexists(p))  # the nearest that is
+    if os.path.isdir(folder) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return InputError(folder, f"is not writable ({error.strerror}), so --out {dest} cannot be made in it; "
+                                  "choose an --out in a folder you can write")
+    if not os.path.isdir(folder) and error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return InputError(folder, f"is not a folder, so --out {dest} cannot be made in it")
+    return error
 
 
 def _locked_folder(dest: Path) -> tuple[int, Path]:
@@ -170,6 +186,10 @@ def _locked_folder(dest: Path) -> tuple[int, Path]:
                 return fd, folder
             except FileExistsError:  # another run's mkdtemp-style name, however unlikely
                 os.unlink(name)
+            except OSError:  # the lock file is never left without its folder
+                os.unlink(name)
+                os.close(fd)
+                raise
         os.close(fd)
 
 

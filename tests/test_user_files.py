@@ -87,3 +87,57 @@ def test_a_failed_run_never_deletes_a_file_of_yours_in_its_parity_failed_folder(
         "own), so it is never replaced, even with --force; choose another --out")
     assert [p.name for p in failed.iterdir()] == ["notes.txt"]
 
+
+
+# ---------------------------------------------------------------------------
+# An --out that cannot be written: one line naming the folder, exit 2, nothing left
+
+def _refuse_writes_in(folder: Path, monkeypatch, error: int, calls=("open", "mkdir")) -> None:
+    """Make creating anything directly inside `folder` fail with `error`, as a read-only mount or missing
+    permission does. Tests run as root, whom permission bits do not stop, and mounting a read-only file
+    system needs privileges the test has not: so the two calls that create entries are made to fail."""
+    import errno
+    import os
+
+    def refusing(real):
+        def call(path, *args, **kwargs):
+            flags = args[0] if real is os.open and args else kwargs.get("flags", os.O_CREAT)
+            creates = real is os.mkdir or flags & os.O_CREAT
+            if creates and Path(os.fsdecode(path)).parent == folder:
+                raise OSError(error, os.strerror(error), os.fsdecode(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    assert error in (errno.EROFS, errno.EACCES)
+    for name in calls:
+        monkeypatch.setattr(os, name, refusing(getattr(os, name)))
+
+
+@pytest.mark.parametrize("error", ["EROFS", "EACCES"])
+@pytest.mark.parametrize("calls", [("open", "mkdir"), ("mkdir",)])
+@pytest.mark.parametrize("below", ["model", "new/model"])
+def test_an_out_in_a_folder_that_is_not_writable_is_named(tiny_npz, tmp_path, monkeypatch, capsys, error, calls,
+                                                          below):
+    import errno
+    import os
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    out = folder / below
+    _refuse_writes_in(folder, monkeypatch, getattr(errno, error), calls)
+    assert main(["convert", str(tiny_npz), "--out", str(out), "--no-parity"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"parityport: error: {folder}: is not writable ({os.strerror(getattr(errno, error))}), so --out {out} "
+        "cannot be made in it; choose an --out in a folder you can write")
+    monkeypatch.undo()
+    assert list(folder.iterdir()) == []
+
+
+def test_an_out_below_a_file_is_named(tiny_npz, tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a folder")
+    for out in (afile / "model", afile / "new" / "model"):
+        assert main(["convert", str(tiny_npz), "--out", str(out), "--no-parity"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"parityport: error: {afile}: is not a folder, so --out {out} cannot be made in it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
