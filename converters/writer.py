@@ -27,7 +27,7 @@ import numpy as np
 from converters import memory
 from converters.digest import remember, sha256_file
 from converters.errors import InputError
-from converters.tensors import SAFETENSORS_TAGS, LazyTensor
+from converters.tensors import SAFETENSORS_TAGS, LazyTensor, described
 
 # numpy dtype → safetensors dtype tag. bfloat16 has no numpy dtype: it is
 # produced from float32 with integer arithmetic (`to_bfloat16`) and written as raw 2-byte words.
@@ -213,7 +213,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, LazyTensor], *, dtype: s
             for name, tensor in tensors.items():
                 array = tensor.load()
                 if not allow_nonfinite:
-                    _check_values(name, array, dtype)
+                    _check_values(described(name, tensor), array, dtype)
                 written = sink.put_all(_encoded_chunks(array, dtype))
                 if on_tensor:
                     on_tensor(name, written)
