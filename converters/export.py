@@ -37,21 +37,18 @@ LOCK_SUFFIX = ".lock"  # `.NAME.partial-XXXX.lock`: held by the run writing `.NA
 
 def check_destination(source: Path, dest: Path) -> None:
     """Refuse an output that is the input, contains it, or lies inside it, is a symlink, holds the
-    current folder, is a folder that replacing would lose a file of the user's in (`check_replaceable`),
-    or lies inside a folder parityport wrote.
+    current folder, is a folder whose replacement would delete something of the user's
+    (`check_replaceable`), or lies inside a folder parityport wrote.
 
     A symlinked destination is refused outright: committing would replace the
     link itself (or, dangling, fail at the very end), and a link to the input
     or its folder would aim the output at the input.
     """
-    if dest.is_symlink():
-        raise InputError(dest, f"is a symbolic link (to {os.readlink(dest)}); give a real folder path")
+    _refuse_link(dest)
     src = source.resolve()
     out = dest.resolve()
     if out == src or src.is_relative_to(out) or out.is_relative_to(src):
         raise InputError(dest, f"the output folder may not be, contain or be inside the input {source}")
-    if dest.exists() and not dest.is_dir():
-        raise InputError(dest, "exists and is not a folder")
     if Path.cwd().resolve().is_relative_to(out):
         raise InputError(dest, "is the current folder or contains it, which cannot be replaced; give a new folder's path")
     check_replaceable(dest)
@@ -66,10 +63,9 @@ def check_replaceable(folder: Path) -> None:
     """Refuse replacing `folder` (with --force, or by a failed run's report) unless everything in it
     is parityport's: a non-empty folder must hold weights parityport wrote, and every entry in it
     must be a file its SHA256SUMS lists (`user_entries`). A symlink or a file is refused outright.
-    Replacing the folder deletes what was in it, so nothing of the user's is ever in it.
+    Replacing deletes everything in the folder: this is what keeps a file of the user's from that.
     """
-    if folder.is_symlink():
-        raise InputError(folder, f"is a symbolic link (to {os.readlink(folder)}); give a real folder path")
+    _refuse_link(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(folder, "exists and is not a folder")
     if not folder.is_dir() or not any(folder.iterdir()):
@@ -86,6 +82,11 @@ def check_replaceable(folder: Path) -> None:
         raise InputError(folder, f"holds {some_names(yours)} ({why}): a folder holding anything of yours is "
                                  "never replaced, even with --force, as that would delete it; move them out "
                                  "or choose another --out")
+
+
+def _refuse_link(folder: Path) -> None:
+    if folder.is_symlink():
+        raise InputError(folder, f"is a symbolic link (to {os.readlink(folder)}); give a real folder path")
 
 
 def user_entries(folder: Path) -> list[str]:

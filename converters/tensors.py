@@ -69,7 +69,7 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # Each tensor remembers its name in the file, which renames before the rules keep.
+        # Each tensor keeps its name in the file for errors to show, whatever renames it before the rules.
         self.tensors = {name: t if t.origin else replace(t, origin=(name,)) for name, t in self.tensors.items()}
 
 
