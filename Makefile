@@ -29,8 +29,13 @@ test-all: setup
 fuzz: setup
 	$(PY) -m pytest -q -m fuzz_long tests
 
+# The checkpoint extensions the readers take: only these are cut from SRC's name, so a catalog name
+# with a dot in it (fixture-BiT-R14x0.5-shapes10) keeps it.
+CKPT_EXTENSIONS := .npz .h5 .pth .pt
+folder_name = $(notdir $(or $(firstword $(foreach e,$(CKPT_EXTENSIONS),$(filter-out $(1),$(patsubst %$(e),%,$(1))))),$(1)))
+
 # SRC into OUT/NAME, or OUT/NAME-DTYPE for a half precision, which then sits beside the float32 folder
-convert = $(VENV)/bin/parityport convert $(1) --out $(OUT)/$(notdir $(basename $(1)))$(if $(filter-out float32,$(DTYPE)),-$(DTYPE)) --dtype $(DTYPE) $(if $(FORCE),--force) --synthetic-if-offline
+convert = $(VENV)/bin/parityport convert $(1) --out $(OUT)/$(call folder_name,$(1))$(if $(filter-out float32,$(DTYPE)),-$(DTYPE)) --dtype $(DTYPE) $(if $(FORCE),--force) --synthetic-if-offline
 
 convert-bit: setup
 	$(call convert,$(or $(CKPT),BiT-M-R50x1-ILSVRC2012))

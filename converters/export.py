@@ -9,6 +9,7 @@ same destination never sweeps a folder that is still being written.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -24,41 +25,86 @@ from converters.digest import sha256_file
 from converters.errors import InputError
 from converters.family import Conversion
 from converters.tensors import Checkpoint
-from converters.writer import Later, check_sha256sums
+from converters.writer import Later, check_sha256sums, listed_sha256sums
 
 MODEL_FILE = "model.safetensors"
 SHA256_HEX = 64  # characters of a sha256 hex digest
 STAND_IN_KEY = "synthetic"  # weights metadata: "true" when the source was a stand-in of random values
+SUMS_FILE = "SHA256SUMS"
+FAILED_SUFFIX = ".parity-failed"  # DIR.parity-failed: the folder of a run whose parity failed, never DIR
 LOCK_SUFFIX = ".lock"  # `.NAME.partial-XXXX.lock`: held by the run writing `.NAME.partial-XXXX`
 
 
 def check_destination(source: Path, dest: Path) -> None:
     """Refuse an output that is the input, contains it, or lies inside it, is a symlink, holds the
-    current folder, is a non-empty folder parityport did not write (replacing it would lose its files),
-    or lies inside a folder parityport wrote.
+    current folder, is a folder whose replacement would delete something of the user's
+    (`check_replaceable`), or lies inside a folder parityport wrote.
 
     A symlinked destination is refused outright: committing would replace the
     link itself (or, dangling, fail at the very end), and a link to the input
     or its folder would aim the output at the input.
     """
-    if dest.is_symlink():
-        raise InputError(dest, f"is a symbolic link (to {os.readlink(dest)}); give a real folder path")
+    _refuse_link(dest)
     src = source.resolve()
     out = dest.resolve()
     if out == src or src.is_relative_to(out) or out.is_relative_to(src):
         raise InputError(dest, f"the output folder may not be, contain or be inside the input {source}")
-    if dest.exists() and not dest.is_dir():
-        raise InputError(dest, "exists and is not a folder")
     if Path.cwd().resolve().is_relative_to(out):
         raise InputError(dest, "is the current folder or contains it, which cannot be replaced; give a new folder's path")
-    if dest.is_dir() and any(dest.iterdir()) and not _written_by_us(dest):
-        raise InputError(dest, "exists and is not a folder parityport wrote (no model.safetensors of its own), "
-                               "so it is never replaced, even with --force; choose another --out")
+    check_replaceable(dest)
     inside = next((folder for folder in out.parents if _written_by_us(folder)), None)
     if inside is not None:
         raise InputError(dest, f"lies inside {inside}, a folder parityport converted: its SHA256SUMS would not "
                                "list the new folder, and converting that one again with --force would delete it; "
                                "choose an --out outside it")
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse replacing `folder` (with --force, or by a failed run's report) unless everything in it
+    is parityport's: a non-empty folder must hold weights parityport wrote, and every entry in it
+    must be a file its SHA256SUMS lists (`user_entries`). A symlink or a file is refused outright.
+    Replacing deletes everything in the folder: this is what keeps a file of the user's from that.
+    """
+    _refuse_link(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(folder, "exists and is not a folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not _written_by_us(folder):
+        raise InputError(folder, "exists and is not a folder parityport wrote (no model.safetensors of its own), "
+                                 "so it is never replaced, even with --force; choose another --out")
+    yours = user_entries(folder)
+    if yours:
+        from converters.rules import some_names
+
+        why = (f"not listed in its {SUMS_FILE}, so not parityport's" if (folder / SUMS_FILE).is_file()
+               else f"no {SUMS_FILE} says parityport wrote them")
+        raise InputError(folder, f"holds {some_names(yours)} ({why}): a folder holding anything of yours is "
+                                 "never replaced, even with --force, as that would delete it; move them out "
+                                 "or choose another --out")
+
+
+def _refuse_link(folder: Path) -> None:
+    if folder.is_symlink():
+        raise InputError(folder, f"is a symbolic link (to {os.readlink(folder)}); give a real folder path")
+
+
+def user_entries(folder: Path) -> list[str]:
+    """The names in `folder` that are not parityport's, sorted: every entry (file, folder or link)
+    other than SHA256SUMS and the regular files it lists; all of them where no readable SHA256SUMS
+    is there to say which files parityport wrote."""
+    sums = folder / SUMS_FILE
+    try:
+        ours = {*listed_sha256sums(folder), SUMS_FILE} if sums.is_file() and not sums.is_symlink() else set()
+    except (OSError, ValueError):  # unreadable or not in its format: it vouches for nothing
+        ours = set()
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in ours or p.is_symlink() or not p.is_file())
+
+
+def failed_folder(dest: Path) -> Path:
+    """`DIR.parity-failed`, where a run whose parity failed leaves its folder instead of at `dest`."""
+    return dest.with_name(dest.name + FAILED_SUFFIX)
 
 
 def _written_by_us(folder: Path) -> bool:
@@ -99,9 +145,12 @@ def staging(dest: Path) -> Iterator[Path]:
     published with the folder), taken before the folder exists and released after
     the folder was committed or removed.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(dest)
-    lock, tmp = _locked_folder(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(dest)
+        lock, tmp = _locked_folder(dest)
+    except OSError as error:
+        raise _unwritable(dest, error) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -112,6 +161,18 @@ def staging(dest: Path) -> Iterator[Path]:
         raise
     finally:
         _unlock(lock, tmp)
+
+
+def _unwritable(dest: Path, error: OSError) -> Exception:
+    """The InputError naming the folder `dest` cannot be made in, for an `error` that says so (a
+    read-only file system, no permission, a file where a folder should be); other errors as they are."""
+    folder = next(p for p in (dest.parent, *dest.parent.parents) if os.path.lexists(p))  # the nearest that is
+    if os.path.isdir(folder) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return InputError(folder, f"is not writable ({error.strerror}), so --out {dest} cannot be made in it; "
+                                  "choose an --out in a folder you can write")
+    if not os.path.isdir(folder) and error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return InputError(folder, f"is not a folder, so --out {dest} cannot be made in it")
+    return error
 
 
 def _locked_folder(dest: Path) -> tuple[int, Path]:
@@ -126,6 +187,10 @@ def _locked_folder(dest: Path) -> tuple[int, Path]:
                 return fd, folder
             except FileExistsError:  # another run's mkdtemp-style name, however unlikely
                 os.unlink(name)
+            except OSError:  # the lock file is never left without its folder
+                os.unlink(name)
+                os.close(fd)
+                raise
         os.close(fd)
 
 

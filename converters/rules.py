@@ -21,7 +21,7 @@ import numpy as np
 
 from converters.display import shown_list
 from converters.errors import InputError
-from converters.tensors import SAFETENSORS_TAGS, LazyTensor
+from converters.tensors import SAFETENSORS_TAGS, LazyTensor, described
 
 # A converted tensor of any other dtype (uint16-64, complex) is refused here, naming it, rather
 # than when the writer meets it.
@@ -335,7 +335,8 @@ def apply_rules(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule],
             continue
         rule, values = _first_match(rules, key)
         if rule is None:
-            raise InputError(path, f"no rule for {_some([k for k in tensors if _first_match(rules, k)[0] is None])}")
+            unmatched = [k for k in tensors if _first_match(rules, k)[0] is None]
+            raise InputError(path, f"no rule for {some_names(unmatched)}")
         if isinstance(rule, Drop):
             dropped[key] = rule.why
             consumed.add(key)
@@ -343,24 +344,31 @@ def apply_rules(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule],
         sources = [t.render(values) for t in rule.sources]
         missing = [s for s in sources if s not in tensors]
         if missing:
-            raise InputError(path, f"missing keys: {_some(missing)} (needed with {key})")
-        _check_dtypes({s: tensors[s] for s in sources}, path)
-        consumed.update(sources)
+            raise InputError(path, f"missing keys: {some_names(missing)} (needed with {key})")
         targets = [t.render(values) for t in rule.targets]
-        for name, tensor in zip(targets, _lazy_outputs(rule.op, [tensors[s] for s in sources], key, path)):
+        _check_dtypes({s: tensors[s] for s in sources}, targets, path)
+        consumed.update(sources)
+        for name, tensor in zip(targets, _lazy_outputs(rule.op, [tensors[s] for s in sources], sources, path)):
             if name in out:
-                raise InputError(path, f"two source keys map to {name}")
+                raise InputError(path, f"{', '.join(out[name].origin)} and {', '.join(tensor.origin)} "
+                                       f"both map to {name}")
             out[name] = tensor
     if expected is not None:
-        _check_expected(out, expected, rules, path)
+        _check_expected(out, expected, rules, tensors, path)
     return Converted(out, dropped)
 
 
-def _check_dtypes(tensors: Mapping[str, LazyTensor], path: str | None) -> None:
+def _check_dtypes(tensors: Mapping[str, LazyTensor], targets: Sequence[str], path: str | None) -> None:
     for key, tensor in tensors.items():
         if np.dtype(tensor.dtype) not in CONVERTIBLE_DTYPES:
-            raise InputError(path, f"{key} has dtype {np.dtype(tensor.dtype)}, which does not convert "
+            raise InputError(path, f"{', '.join(_origin(key, tensor))} (converted to {', '.join(targets)}) has "
+                                   f"dtype {np.dtype(tensor.dtype)}, which does not convert "
                                    "(float, signed integer, uint8 or bool only)")
+
+
+def _origin(key: str, tensor: LazyTensor) -> tuple[str, ...]:
+    """The names in the file `tensor` came from (`key` itself for a tensor that does not know them)."""
+    return tensor.origin or (key,)
 
 
 def _first_match(rules: Sequence[Rule], key: str):
@@ -371,31 +379,40 @@ def _first_match(rules: Sequence[Rule], key: str):
     return None, None
 
 
-def _lazy_outputs(op: Op, inputs: list[LazyTensor], key: str, path: str | None) -> list[LazyTensor]:
+def _lazy_outputs(op: Op, inputs: list[LazyTensor], sources: list[str], path: str | None) -> list[LazyTensor]:
+    key = sources[0]
     try:
         shapes = op.shapes([t.shape for t in inputs])
     except ValueError as e:
         raise InputError(path, f"{key}: {e}") from None
     dtype = np.result_type(*[t.dtype for t in inputs])
+    origin = tuple(dict.fromkeys(name for t, s in zip(inputs, sources) for name in _origin(s, t)))
 
     def output(i: int) -> Callable[[], np.ndarray]:
         return lambda: op([t.load() for t in inputs])[i]
 
-    return [LazyTensor(tuple(s), dtype, output(i)) for i, s in enumerate(shapes)]
+    return [LazyTensor(tuple(s), dtype, output(i), origin) for i, s in enumerate(shapes)]
 
 
 def _check_expected(out: Mapping[str, LazyTensor], expected: Mapping[str, tuple[int, ...]],
-                    rules: Sequence[Rule], path: str | None) -> None:
+                    rules: Sequence[Rule], tensors: Mapping[str, LazyTensor], path: str | None) -> None:
     missing = [k for k in expected if k not in out]
     if missing:
         names = list(dict.fromkeys(_source_name(rules, k) for k in missing))
-        raise InputError(path, f"missing keys: {_some(names)}")
+        raise InputError(path, f"missing keys: {some_names(names)}")
     extra = [k for k in out if k not in expected]
     if extra:
-        raise InputError(path, f"unexpected keys: {_some(extra)}")
+        raise InputError(path, f"unexpected keys: {some_names([described(k, out[k]) for k in extra])}")
     for k, shape in expected.items():
         if tuple(out[k].shape) != tuple(shape):
-            raise InputError(path, f"{k}: shape {list(out[k].shape)}, expected {list(shape)}")
+            raise InputError(path, f"{_with_shapes(out[k].origin, tensors)} converts to {k} of shape "
+                                   f"{list(out[k].shape)}, expected {list(shape)}")
+
+
+def _with_shapes(origin: Sequence[str], tensors: Mapping[str, LazyTensor]) -> str:
+    """The source tensors `origin` names, each with its shape in the file: "a/kernel [3, 3, 32, 16]"."""
+    shapes = {_origin(k, t): t.shape for k, t in tensors.items()}
+    return ", ".join(f"{name} {list(shapes[(name,)])}" if (name,) in shapes else name for name in origin)
 
 
 def _source_name(rules: Sequence[Rule], target: str) -> str:
@@ -407,5 +424,6 @@ def _source_name(rules: Sequence[Rule], target: str) -> str:
     return target
 
 
-def _some(keys: Sequence[str], n: int = 3) -> str:
+def some_names(keys: Sequence[str], n: int = 3) -> str:
+    """The first `n` of `keys`, each shown escaped, and how many more there are: "a, b, c (+2 more)"."""
     return shown_list(keys, n)

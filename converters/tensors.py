@@ -6,7 +6,7 @@ names and layout; rules transform them lazily; the writer loads one at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +32,7 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: np.dtype
     loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    origin: tuple[str, ...] = field(default=(), compare=False)  # the names in the file it was read or made from
 
     @property
     def nbytes(self) -> int:
@@ -66,3 +67,15 @@ class Checkpoint:
     format: str
     tensors: dict[str, LazyTensor]
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Each tensor keeps its name in the file for errors to show, whatever renames it before the rules.
+        self.tensors = {name: t if t.origin else replace(t, origin=(name,)) for name, t in self.tensors.items()}
+
+
+def described(name: str, tensor: LazyTensor) -> str:
+    """`name` as an error shows it: the tensor's names in the original file first, which the user knows,
+    then the converted name, e.g. "resnet/head/conv2d/bias (converted to classifier.1.bias)"."""
+    if not tensor.origin or tensor.origin == (name,):
+        return name
+    return f"{', '.join(tensor.origin)} (converted to {name})"

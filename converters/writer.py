@@ -27,7 +27,7 @@ import numpy as np
 from converters import memory
 from converters.digest import remember, sha256_file
 from converters.errors import InputError
-from converters.tensors import SAFETENSORS_TAGS, LazyTensor
+from converters.tensors import SAFETENSORS_TAGS, LazyTensor, described
 
 # numpy dtype → safetensors dtype tag. bfloat16 has no numpy dtype: it is
 # produced from float32 with integer arithmetic (`to_bfloat16`) and written as raw 2-byte words.
@@ -213,7 +213,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, LazyTensor], *, dtype: s
             for name, tensor in tensors.items():
                 array = tensor.load()
                 if not allow_nonfinite:
-                    _check_values(name, array, dtype)
+                    _check_values(described(name, tensor), array, dtype)
                 written = sink.put_all(_encoded_chunks(array, dtype))
                 if on_tensor:
                     on_tensor(name, written)
@@ -500,12 +500,19 @@ def write_sha256sums(folder: Path, names: Iterable[str] | None = None) -> Path:
     return target
 
 
-def check_sha256sums(folder: Path) -> list[str]:
-    """Files in `folder` whose checksum does not match SHA256SUMS, or that are missing or unlisted."""
+def listed_sha256sums(folder: Path) -> dict[str, str]:
+    """`{file name: sha256}` as `folder`'s SHA256SUMS lists them; empty when it has none."""
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
+        return {}
+    return dict(reversed(line.split("  ", 1)) for line in sums.read_text().splitlines() if line)
+
+
+def check_sha256sums(folder: Path) -> list[str]:
+    """Files in `folder` whose checksum does not match SHA256SUMS, or that are missing or unlisted."""
+    if not (folder / "SHA256SUMS").is_file():
         return ["SHA256SUMS"]
-    listed = dict(reversed(line.split("  ", 1)) for line in sums.read_text().splitlines() if line)
+    listed = listed_sha256sums(folder)
     bad = [n for n, h in listed.items() if not (folder / n).is_file() or sha256_file(folder / n) != h]
     unlisted = [p.name for p in folder.iterdir() if p.is_file() and p.name not in listed and p.name != "SHA256SUMS"]
     return sorted(bad + unlisted)

@@ -87,13 +87,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     known = recorded(src, opened.identity) if known is not None else None
     digest = hash_in_background(opened.handle, known)
 
-    from converters.export import check_destination, commit, staging, up_to_date, write_model
+    from converters.export import (check_destination, check_replaceable, commit, failed_folder, staging,
+                                   up_to_date, write_model)
     from converters.readers.isolate import open_isolated
     from converters.shards import parse_size
     from converters.writer import write_sha256sums
 
     max_shard_size = parse_size(args.max_shard_size)
     check_destination(src, dest)
+    if not args.no_parity:  # a failed run replaces DIR.parity-failed: first make sure nothing of yours is lost
+        check_replaceable(failed_folder(dest))
     if dest.exists() and any(dest.iterdir()) and not args.force:  # an empty folder has nothing to lose
         if up_to_date(dest, digest.result(), args.dtype, verified=not args.no_parity):
             _say(f"parityport: {shown(dest, PATH_LIMIT)} is already a{'' if args.no_parity else ' verified'} "
@@ -114,7 +117,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not args.no_parity:
             report = _parity(checkpoint, conversion, tmp, args.dtype, synthetic, args.allow_nonfinite)
             if not report.passed:
-                failed = dest.with_name(dest.name + ".parity-failed")
+                failed = failed_folder(dest)
+                write_sha256sums(tmp)  # so that a --force over it knows which files are parityport's
+                check_replaceable(failed)  # again: a file may have been put there meanwhile
                 shutil.rmtree(failed, ignore_errors=True)
                 os.replace(tmp, failed)
                 raise CheckFailed(f"{src}: parity FAILED ({report.failure}); "

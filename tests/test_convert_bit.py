@@ -264,7 +264,8 @@ def _bad(tmp_path, mutate) -> Path:
     (lambda a: a.pop("resnet/block2/unit01/b/group_norm/beta"), "missing keys: resnet/block2/unit01/b/group_norm/beta"),
     (lambda a: a.__setitem__("resnet/extra/thing", np.zeros(3, np.float32)), "no rule for resnet/extra/thing"),
     (lambda a: a.__setitem__("resnet/block1/unit02/b/standardized_conv2d/kernel", np.zeros((3, 3, 32, 16), np.float32)),
-     "bit.encoder.stages.0.layers.1.conv2.weight: shape [16, 32, 3, 3], expected [32, 32, 3, 3]"),
+     "resnet/block1/unit02/b/standardized_conv2d/kernel [3, 3, 32, 16] converts to "
+     "bit.encoder.stages.0.layers.1.conv2.weight of shape [16, 32, 3, 3], expected [32, 32, 3, 3]"),
 ])
 def test_bad_keys_and_shapes(tmp_path, capsys, mutate, message):
     src = _bad(tmp_path, mutate)
@@ -284,7 +285,8 @@ def test_a_dtype_that_does_not_convert_is_named(tmp_path, capsys, dtype):
         np.savez(f, **{k: v.astype(dtype if k == gamma else np.float32) for k, v in arrays.items()})
     assert main(["convert", str(src), "--out", str(out), "--no-parity"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"parityport: error: {src}: {gamma} has dtype {dtype}, which does not convert "
+        f"parityport: error: {src}: {gamma} (converted to bit.encoder.stages.0.layers.0.norm1.weight) "
+        f"has dtype {dtype}, which does not convert "
         "(float, signed integer, uint8 or bool only)")
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 

@@ -410,7 +410,8 @@ BAD = [
     ("unknown key", lambda p: _d2v1_file(p, lambda sd: sd.__setitem__("blocks.0.attn.k_bias", torch.zeros(64))),
      "no rule for module.blocks.0.attn.k_bias"),
     ("wrong shape", lambda p: _d2v1_file(p, lambda sd: sd.__setitem__("blocks.1.mlp.fc1.weight", torch.zeros(128, 64))),
-     "data2vec_vision.encoder.layer.1.intermediate.dense.weight: shape [128, 64], expected [256, 64]"),
+     "module.blocks.1.mlp.fc1.weight [128, 64] converts to data2vec_vision.encoder.layer.1.intermediate.dense.weight "
+     "of shape [128, 64], expected [256, 64]"),
     ("wrong index", lambda p: _d2v1_file(p, lambda sd: sd["blocks.0.attn.relative_position_index"].fill_(0)),
      "module.blocks.0.attn.relative_position_index differs from the index rebuilt for a 4x4 window"),
     ("index of the wrong shape", lambda p: _d2v1_file(p, lambda sd: sd.__setitem__(

@@ -225,7 +225,7 @@ def test_an_output_that_cannot_be_made_is_one_line(tiny_npz, tmp_path, capsys):
     dest = tmp_path / "a-file" / "out"
     assert main(["convert", str(tiny_npz), "--out", str(dest), "--no-parity"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert errors == [f"parityport: error: {tmp_path / 'a-file'}: File exists"]
+    assert errors == [f"parityport: error: {tmp_path / 'a-file'}: is not a folder, so --out {dest} cannot be made in it"]
 
 
 def test_an_unexpected_exception_exits_3_not_as_a_failed_check(monkeypatch, capsys):
