@@ -197,18 +197,24 @@ def verify(folder: Path) -> list[str]:
     The model is loaded (and, with an `auto_map`, its code run) only when the
     checksums match, parity.json records a pass and the code is parityport's own.
     """
+    return verify_folder(folder)[0]
+
+
+def verify_folder(folder: Path) -> tuple[list[str], bool]:
+    """`verify`'s problems and whether they are a check that ran and failed (True) rather than a
+    folder that cannot be verified for what it is (False: no SHA256SUMS, no parity record)."""
     folder = Path(folder)
-    problems, _ = record_problems(folder)
+    problems, failed = record_problems(folder)
     if problems:
-        return problems
+        return problems, failed
     problems = code_problems(folder)
     if problems:
-        return problems
+        return problems, True
     try:
         model, problems = load_strict(folder)
     except Exception as error:  # noqa: BLE001  any failure to load is the finding
-        return [f"{folder}: does not load in transformers: {type(error).__name__}: {str(error).splitlines()[0]}"]
-    return problems + smoke_problems(folder, model, read_parity(folder) or {})
+        return [f"{folder}: does not load in transformers: {type(error).__name__}: {str(error).splitlines()[0]}"], True
+    return problems + smoke_problems(folder, model, read_parity(folder) or {}), True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,14 +228,13 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     if not folder.is_dir():
         raise InputError(folder, "no such folder")
-    problems, failed = record_problems(folder)
+    problems, failed = verify_folder(folder)
     if problems and not failed:
         refuse(folder, "cannot be verified", problems, failed)
-    problems = verify(folder)
     for problem in problems:
         print(f"  {problem}")
     if problems:
-        refuse(folder, "verification FAILED", problems, failed=True)
+        refuse(folder, "verification FAILED", problems, failed)
     from parity.card import folder_is_synthetic, is_classifier
 
     synthetic = "; its weights are a SYNTHETIC stand-in (random values), not the published checkpoint"

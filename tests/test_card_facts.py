@@ -153,3 +153,18 @@ def test_a_card_names_the_family_as_its_readers_do(converted, sources, family, n
     variant = json.loads((converted(family, True) / "parity.json").read_text())["variant"]
     assert f"| converted as | {name} {variant} |" in card
     assert not re.search(r"\b(data2vec1|data2vec2|bit) (checkpoint|ViT|R\d)", card)
+
+
+def test_a_card_names_the_hubs_own_preprocessor_only_where_it_differs():
+    from checkpoints.catalog import lookup
+    from converters.data2vec import preprocessor_config
+    from parity.card import _preprocessing
+
+    entry = lookup("data2vec-vision-base-ft1k")  # the hub card's processor squashes to 224 with no crop
+    held = preprocessor_config(224, (0.5,) * 3, (0.5,) * 3)
+    text = _preprocessing({"processor": held}, entry)[2]
+    assert text.endswith("applies): shorter side to 256 bicubic, centre crop 224, mean 0.5 std 0.5. The hub's published "
+                         "preprocessor for data2vec-vision-base-ft1k is another pipeline: squash to 224x224 bicubic, "
+                         "mean 0.5 std 0.5.")
+    squash = dict(held, size={"height": 224, "width": 224}, do_center_crop=False)
+    assert _preprocessing({"processor": squash}, entry)[2].endswith("applies): squash to 224x224 bicubic, mean 0.5 std 0.5.")
