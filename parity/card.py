@@ -351,7 +351,7 @@ def _normalisation(mean: Sequence[float], std: Sequence[float]) -> str:
 def _pipeline_in_words(resize: str, side: int, crop: int | None, interpolation: str, mean, std) -> str:
     """A resize ("squash" or "shorter"), optional centre crop and normalisation, in the words of
     `parity.protocols.Protocol.describe`."""
-    steps = [f"squash to {side}x{side} {interpolation}" if resize == "squash" else f"shorter side to {side} {interpolation}"]
+    steps = [(f"squash to {side}x{side}" if resize == "squash" else f"shorter side to {side}") + f" {interpolation}"]
     steps += [f"centre crop {crop}"] if crop is not None else []
     return ", ".join(steps + [_normalisation(mean, std)])
 
