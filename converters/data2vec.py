@@ -170,11 +170,6 @@ def _labels(num_classes: int) -> dict:
     return {"id2label": {str(i): v for i, v in labels.items()}, "label2id": {v: i for i, v in labels.items()}}
 
 
-HUB_PREPROCESSOR_NOTE = ("preprocessor_config.json holds the ORIGINAL eval pipeline (shorter side 256 bicubic, "
-                         "centre crop 224); the hub's published data2vec-vision preprocessor squashes to "
-                         "224x224 with no crop, a different pipeline.")
-
-
 # =============================================================================
 # data2vec 1.0 (BEiT-based)
 
@@ -343,7 +338,6 @@ def convert_data2vec1(checkpoint: Checkpoint) -> Conversion:
         "a small real difference in every LayerNorm.",
         ("A shared relative position table was copied into every layer." if spec.shared_rel_pos
          else "Per-layer relative position tables."),
-        HUB_PREPROCESSOR_NOTE,
     ]
     if not spec.finetuned:
         notes.append("Pretrained encoder: written as Data2VecVisionModel (load with AutoModel); "
@@ -608,9 +602,7 @@ def convert_data2vec2(checkpoint: Checkpoint) -> Conversion:
     mapped = apply_rules(tensors, d2v2_rules(spec), expected, path=path)
     notes += [POSITIONS_NOTE,
               "transformers has no data2vec 2.0 class: the folder ships configuration_data2vec2.py and "
-              "modeling_data2vec2.py; load with trust_remote_code=True.",
-              "preprocessor_config.json holds the original eval pipeline (shorter side 256 bicubic, "
-              "centre crop 224, ImageNet mean/std)."]
+              "modeling_data2vec2.py; load with trust_remote_code=True."]
     if not spec.finetuned:
         end = "norm" if spec.layer_norm_first else f"blocks.{spec.prenet_depth + spec.depth - 1}"
         notes.append(f"Pretrained encoder: written as Data2Vec2VisionModel with no pooler (load with AutoModel, "

@@ -32,6 +32,7 @@ SHA256_HEX = 64  # characters of a sha256 hex digest
 STAND_IN_KEY = "synthetic"  # weights metadata: "true" when the source was a stand-in of random values
 SUMS_FILE = "SHA256SUMS"
 FAILED_SUFFIX = ".parity-failed"  # DIR.parity-failed: the folder of a run whose parity failed, never DIR
+NOTES_KEY = "conversion_notes"  # weights metadata: the conversion's notes (JSON list), kept without parity.json
 LOCK_SUFFIX = ".lock"  # `.NAME.partial-XXXX.lock`: held by the run writing `.NAME.partial-XXXX`
 
 
@@ -309,7 +310,8 @@ def write_model(tmp: Path, conversion: Conversion, checkpoint: Checkpoint, sourc
     """Write the weights (with provenance metadata), config.json, preprocessor_config.json.
 
     `synthetic` (the source is a stand-in of random values) is recorded in the
-    metadata as `STAND_IN_KEY`, which the card, `verify` and `publish` read.
+    metadata as `STAND_IN_KEY`, which the card, `verify` and `publish` read, and the
+    conversion's notes as `NOTES_KEY`, which the card states even without parity.json.
 
     Weights above `max_shard_size` bytes (default huggingface_hub's 5 GB) are
     written as shards plus `model.safetensors.index.json`; below it, as one
@@ -322,7 +324,8 @@ def write_model(tmp: Path, conversion: Conversion, checkpoint: Checkpoint, sourc
                 "source_sha256": (Later(source_sha256, SHA256_HEX) if isinstance(source_sha256, Future)
                                   else source_sha256), "converter": "parityport",
                 "converter_version": __version__, "family": conversion.family,
-                "variant": conversion.variant, **({STAND_IN_KEY: "true"} if synthetic else {})}
+                "variant": conversion.variant, NOTES_KEY: json.dumps(conversion.notes),
+                **({STAND_IN_KEY: "true"} if synthetic else {})}
     try:
         write_sharded(tmp, conversion.tensors, dtype=dtype, metadata=metadata,
                       max_shard_size=MAX_SHARD_SIZE if max_shard_size is None else max_shard_size, on_tensor=on_tensor,

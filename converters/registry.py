@@ -9,3 +9,5 @@ DETECTORS: dict[str, Detector] = {"bit": bit.is_bit, "data2vec1": data2vec.is_da
                                   "data2vec2": data2vec.is_data2vec2}
 CONVERTERS: dict[str, Converter] = {"bit": bit.convert, "data2vec1": data2vec.convert_data2vec1,
                                     "data2vec2": data2vec.convert_data2vec2}
+# What a reader calls each family (cards and reports): the keys above are internal ids.
+FAMILY_NAMES: dict[str, str] = {"bit": "BiT", "data2vec1": "data2vec-vision 1.0", "data2vec2": "data2vec-vision 2.0"}

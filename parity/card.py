@@ -48,7 +48,17 @@ def _folder_facts(folder: Path) -> dict[str, Any]:
     if config is None:
         raise InputError(folder, "not a converted folder (no config.json)")
     return {"config": config, "parity": _read_json(folder / "parity.json"),
+            "processor": _read_json(folder / "preprocessor_config.json"),
             "meta": read_metadata(folder), "weights": weight_files(folder)}
+
+
+def family_name(meta: dict[str, str], config: dict[str, Any]) -> str:
+    """What a reader calls the source's family ("BiT", "data2vec-vision 1.0"), from the weights'
+    metadata (else config.json's model_type)."""
+    from converters.registry import FAMILY_NAMES
+
+    family = meta.get("family")
+    return FAMILY_NAMES.get(family, family or str(config.get("model_type", "unknown")))
 
 
 def is_synthetic(parity: dict[str, Any] | None, meta: dict[str, str] | None = None) -> bool:
@@ -251,12 +261,13 @@ def _provenance(facts: dict[str, Any], entry, command: str | None) -> list[str]:
             ("source sha256", shown_markdown_code(meta.get('source_sha256', 'unknown'))),
             ("catalog entry", f"{entry.name} ({entry.url or 'no URL'})" if entry else "not in the catalog"),
             ("converter", f"{meta.get('converter', 'unknown')} {meta.get('converter_version', '')}".strip()),
-            ("converted as", f"{meta.get('family', '?')} {meta.get('variant', '?')}"),
+            ("converted as", f"{family_name(meta, facts['config'])} {meta.get('variant', '?')}"),
             ("weights", f"{files}, {facts['config'].get('torch_dtype', 'float32')}"),
             ("command", shown_markdown_code(command, COMMAND_LIMIT) if command else "not recorded")]
+    verify = ("`parityport verify DIR` re-checks them, loads the model strictly and runs it." if facts["parity"]
+              else "`parityport verify DIR` refuses the folder: it has no parity record.")
     return ["## Provenance", "", *_table(("", ""), rows), "",
-            "Every file in this folder is listed with its sha256 in `SHA256SUMS`; "
-            "`parityport verify DIR` re-checks them, loads the model strictly and runs it.", ""]
+            f"Every file in this folder is listed with its sha256 in `SHA256SUMS`; {verify}", ""]
 
 
 def _logits_max_abs(run: dict[str, Any]) -> Any:
@@ -275,11 +286,20 @@ def _parity(parity: dict[str, Any] | None) -> list[str]:
              "measured" if r.get("role") == "measured" else "pass" if r.get("passed") else "FAIL")
             for r in parity.get("runs", [])]
     return ["## Parity", "",
-            f"Source side: {parity.get('source')}. Verdict: **{verdict}**. Every named tap (stem, each "
-            "unit/block, pre-logits, logits) was compared on the same input tensors; the full "
+            f"Source side: {parity.get('source')}. Verdict: **{verdict}**. Every named tap "
+            f"({_taps_in_words(parity)}) was compared on the same input tensors; the full "
             "per-tap record is in `parity.json` / `parity.md` / `parity.png`.", "",
             *_table(("side", "role", "input", "weights", "logits max-abs", "first diverging tap", "verdict"),
                     rows), ""]
+
+
+def _taps_in_words(parity: dict[str, Any], shown: int = 6) -> str:
+    """The taps parity.json's first run compared, in order: all of them, or the first and last few
+    with their count."""
+    taps = [str(t.get("tap")) for t in ((parity.get("runs") or [{}])[0].get("taps") or [])]
+    if len(taps) <= shown:
+        return ", ".join(taps) or "none recorded"
+    return f"{len(taps)} taps: {', '.join(taps[:shown // 2])}, ..., {', '.join(taps[-(shown // 2):])}"
 
 
 def _accuracy(evals: Sequence[dict[str, Any]], entry) -> list[str]:
@@ -298,10 +318,84 @@ def _accuracy(evals: Sequence[dict[str, Any]], entry) -> list[str]:
             *_table(("protocol", "images", "top-1 (%)", "top-5 (%)", "published top-1 (%)", "device"), rows), ""]
 
 
-def _differences(parity: dict[str, Any] | None) -> list[str]:
-    notes = (parity or {}).get("notes") or []
+def recorded_notes(meta: dict[str, str]) -> list[str]:
+    """The conversion's own notes (fp16 widening, eps, dropped keys) as the weights' metadata records
+    them; empty for weights written before they were recorded."""
+    from converters.export import NOTES_KEY
+
+    try:
+        notes = json.loads(meta.get(NOTES_KEY) or "[]")
+    except ValueError:
+        return []
+    return [str(n) for n in notes] if isinstance(notes, list) else []
+
+
+def _differences(meta: dict[str, str], parity: dict[str, Any] | None) -> list[str]:
+    """parity.json's notes (they include the conversion's), and the conversion's own where parity.json
+    lacks them (a folder converted with --no-parity has none)."""
+    notes = list(dict.fromkeys([*((parity or {}).get("notes") or []), *recorded_notes(meta)]))
     lines = [f"- {n}" for n in notes] or ["- None recorded."]
     return ["## Known differences", "", *lines, ""]
+
+
+# PIL's resampling filters by the code transformers' image processors store in `resample`
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _normalisation(mean: Sequence[float], std: Sequence[float]) -> str:
+    """"mean 0.5 std 0.5", or per channel "mean 0.485/0.456/0.406 std ..." when they differ."""
+    def levels(values: Sequence[float]) -> str:
+        text = [f"{float(v):g}" for v in values]
+        return text[0] if len(set(text)) == 1 else "/".join(text)
+
+    return f"mean {levels(mean)} std {levels(std)}"
+
+
+def _pipeline_in_words(resize: str, side: int, crop: int | None, interpolation: str, mean, std) -> str:
+    """A resize ("squash" or "shorter"), optional centre crop and normalisation, in the words of
+    `parity.protocols.Protocol.describe`."""
+    steps = [(f"squash to {side}x{side}" if resize == "squash" else f"shorter side to {side}") + f" {interpolation}"]
+    steps += [f"centre crop {crop}"] if crop is not None else []
+    return ", ".join(steps + [_normalisation(mean, std)])
+
+
+def processor_in_words(processor: dict[str, Any]) -> str:
+    """What a transformers preprocessor_config.json does to an image, in words, read from its own keys."""
+    size, crop = processor.get("size"), processor.get("crop_size")
+    size = {"height": size, "width": size} if isinstance(size, int) else size or {}
+    crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop or {}
+    interpolation = _RESAMPLE.get(processor.get("resample"), f"resample {processor.get('resample')}")
+    if not processor.get("do_resize", True):
+        resize = "no resize"
+    elif "shortest_edge" in size:
+        resize = f"shorter side to {size['shortest_edge']} {interpolation}"
+    else:
+        resize = f"squash to {size.get('height')}x{size.get('width')} {interpolation}"
+    steps = [resize]
+    if processor.get("do_center_crop"):
+        steps.append(f"centre crop {crop.get('height')}" if crop.get("height") == crop.get("width")
+                     else f"centre crop {crop.get('height')}x{crop.get('width')}")
+    if processor.get("do_normalize", True):
+        steps.append(_normalisation(processor.get("image_mean") or [0, 0, 0], processor.get("image_std") or [1, 1, 1]))
+    return ", ".join(steps)
+
+
+def _preprocessing(facts: dict[str, Any], entry) -> list[str]:
+    """What the folder's preprocessor_config.json holds, and the hub's own pipeline where the catalog
+    records one that differs."""
+    processor = facts["processor"]
+    if processor is None:
+        return ["## Preprocessing", "", "The folder has no `preprocessor_config.json`.", ""]
+    held = processor_in_words(processor)
+    text = (f"`preprocessor_config.json` (what `AutoImageProcessor` loads and `parityport eval --protocol hub` "
+            f"applies): {held}.")
+    hub = entry.eval.get("hub") if entry is not None else None
+    if hub is not None:
+        words = _pipeline_in_words(CATALOG_RESIZE.get(hub.resize, hub.resize), hub.resize_size,
+                                   hub.crop_size, hub.interpolation, hub.mean, hub.std)
+        if words != held:
+            text += f" The hub's published preprocessor for {entry.name} is another pipeline: {words}."
+    return ["## Preprocessing", "", text, ""]
 
 
 def license_section(entry: Entry | None) -> list[str]:
@@ -378,16 +472,18 @@ def model_card(folder: Path, evals: list[dict], command: str | None, model_id: s
     architecture = (facts["config"].get("architectures") or ["?"])[0]
     synthetic = is_synthetic(facts["parity"], meta)
     remote = "auto_map" in facts["config"]
+    record = (f"with a layer-by-layer parity record against the source side, "
+              f"{shown_markdown(facts['parity'].get('source'))}"
+              if facts["parity"] is not None else "without a parity record (converted with `--no-parity`)")
     lines = [f"# {shown_markdown(name, PATH_LIMIT)}: transformers `{architecture}`", "",
-             f"The original {meta.get('family', '')} checkpoint "
-             f"{shown_markdown_code(meta.get('source_file', '?'), PATH_LIMIT)} converted "
-             "to safetensors by parityport, with a layer-by-layer parity record against the source "
-             "framework.", ""]
+             f"The original {family_name(meta, facts['config'])} checkpoint "
+             f"{shown_markdown_code(meta.get('source_file', '?'), PATH_LIMIT)} "
+             f"converted to safetensors by parityport, {record}.", ""]
     if synthetic:
         lines += ["> **Not the published weights**: this folder was converted from a synthetic file in "
                   "the exact original layout (random values). It proves the pipeline, not the model.", ""]
     lines += [*_provenance(facts, entry, command), *_parity(facts["parity"]), *_accuracy(evals, entry),
-              *_differences(facts["parity"]), *license_section(entry),
+              *_preprocessing(facts, entry), *_differences(meta, facts["parity"]), *license_section(entry),
               "## Usage", "", "```python", usage_snippet(model_id or str(folder), remote, is_classifier(facts["config"])),
               "```", ""]
     return "---\n" + _header(facts, evals, entry, name, command) + "---\n\n" + "\n".join(lines)

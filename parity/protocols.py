@@ -244,12 +244,17 @@ def catalogued(model_dir: Path, name: str) -> Protocol | None:
                     crop_offset=offset)
 
 
-def _original(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tensor]]:
+def original_protocol(model_dir: Path) -> Protocol:
+    """The folder's `original` protocol: its catalog entry's, else its family's, with the folder's overrides."""
     family = model_family(model_dir)
     protocol = catalogued(model_dir, "original") or ORIGINAL.get(family)
     if protocol is None:
         raise InputError(model_dir, f"no original protocol for model_type {family!r}; known: {sorted(ORIGINAL)}")
-    protocol = apply_overrides(protocol, folder_overrides(model_dir), model_dir)
+    return apply_overrides(protocol, folder_overrides(model_dir), model_dir)
+
+
+def _original(model_dir: Path) -> tuple[Protocol, Callable[[Image.Image], torch.Tensor]]:
+    protocol = original_protocol(model_dir)
     if protocol.library == "tensorflow":
         from parity.eval_tf import tensorflow_transform
 
@@ -368,6 +373,21 @@ def protocol_from_processor(cfg: dict[str, Any]) -> Protocol:
         resize_size=side,
         crop_offset="floor",  # transformers' center_crop: (H - size) // 2
     )
+
+
+def processor_fields(protocol: Protocol) -> dict[str, Any]:
+    """The transformers image-processor keys that apply `protocol` (the inverse of
+    `protocol_from_processor`, but for the crop offset, which transformers always rounds down)."""
+    side = protocol.resize_side
+    size = {"height": side, "width": side} if protocol.resize == "squash" else {"shortest_edge": side}
+    crop = protocol.resize == "shorter" or side != protocol.image_size
+    resample = {name: code for code, name in _PIL_RESAMPLE.items()}
+    if protocol.interpolation not in resample:
+        raise InputError(None, f"transformers' image processors have no {protocol.interpolation} resize")
+    return {"do_resize": True, "size": size, "resample": resample[protocol.interpolation],
+            "do_center_crop": crop, "crop_size": {"height": protocol.image_size, "width": protocol.image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(protocol.mean), "image_std": list(protocol.std)}
 
 
 class _ProcessorTransform:

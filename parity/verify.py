@@ -21,6 +21,7 @@ from converters.errors import CheckFailed, InputError
 
 SUMS_FILE = "SHA256SUMS"
 PARITY_FILE = "parity.json"
+SUMS_MISSING = f"{SUMS_FILE}: missing (no checksums to verify against)"
 
 
 def listed_sums(folder: Path) -> dict[str, str]:
@@ -33,11 +34,12 @@ def listed_sums(folder: Path) -> dict[str, str]:
 
 
 def checksum_problems(folder: Path) -> list[str]:
-    """One line per file that is changed, missing, or not listed in SHA256SUMS."""
+    """One line per file that is changed, missing, or not listed in SHA256SUMS (or one saying that
+    SHA256SUMS itself is missing)."""
     from converters.writer import check_sha256sums
 
     if not (folder / SUMS_FILE).is_file():
-        return [f"{SUMS_FILE}: missing (no checksums to verify against)"]
+        return [SUMS_MISSING]
     listed = listed_sums(folder)
     problems = []
     for name in check_sha256sums(folder):
@@ -70,6 +72,31 @@ def parity_problems(folder: Path) -> list[str]:
 
         return [f"{PARITY_FILE}: parity FAILED ({recorded_failure(report)})"]
     return []
+
+
+def record_problems(folder: Path) -> tuple[list[str], bool]:
+    """What the folder's own records (SHA256SUMS, parity.json) say against it, the leading line first,
+    and whether the lead is a check that ran and failed (True, exit 1) rather than a folder that cannot
+    be checked for what it is (False, exit 2: no SHA256SUMS, no readable parity record).
+
+    A recorded parity failure leads: it is why a `.parity-failed` folder has no SHA256SUMS. Then what
+    the folder lacks, then files that do not match SHA256SUMS.
+    """
+    checksums, parity = checksum_problems(folder), parity_problems(folder)
+    failed_parity = parity if read_parity(folder) is not None else []  # else parity says it is missing
+    lacking = [p for p in checksums if p == SUMS_MISSING] + [p for p in parity if p not in failed_parity]
+    mismatched = [p for p in checksums if p != SUMS_MISSING]
+    problems = failed_parity + lacking + mismatched
+    return problems, bool(problems) and problems[0] not in lacking
+
+
+def refuse(folder: Path, doing: str, problems: list[str], failed: bool) -> None:
+    """Raise for `problems` (non-empty), leading line first: CheckFailed when `failed` (a check ran
+    and failed, exit 1), else InputError (the folder cannot be checked for what it is, exit 2)."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if failed:
+        raise CheckFailed(f"{folder}: {doing}: {problems[0]}{more}")
+    raise InputError(folder, f"{doing}: {problems[0]}{more}")
 
 
 def _config(folder: Path) -> dict[str, Any]:
@@ -171,18 +198,24 @@ def verify(folder: Path) -> list[str]:
     The model is loaded (and, with an `auto_map`, its code run) only when the
     checksums match, parity.json records a pass and the code is parityport's own.
     """
+    return verify_folder(folder)[0]
+
+
+def verify_folder(folder: Path) -> tuple[list[str], bool]:
+    """`verify`'s problems and whether they are a check that ran and failed (True) rather than a
+    folder that cannot be verified for what it is (False: no SHA256SUMS, no parity record)."""
     folder = Path(folder)
-    problems = checksum_problems(folder) + parity_problems(folder)
+    problems, failed = record_problems(folder)
     if problems:
-        return problems
+        return problems, failed
     problems = code_problems(folder)
     if problems:
-        return problems
+        return problems, True
     try:
         model, problems = load_strict(folder)
     except Exception as error:  # noqa: BLE001  any failure to load is the finding
-        return [f"{folder}: does not load in transformers: {type(error).__name__}: {str(error).splitlines()[0]}"]
-    return problems + smoke_problems(folder, model, read_parity(folder) or {})
+        return [f"{folder}: does not load in transformers: {type(error).__name__}: {str(error).splitlines()[0]}"], True
+    return problems + smoke_problems(folder, model, read_parity(folder) or {}), True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,16 +224,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Verify DIR: exit 0 when every check passes, 1 naming the first bad file otherwise."""
+    """Verify DIR: exit 0 when every check passes; 1 naming the first check that failed; 2 when the
+    folder cannot be verified for what it is (no SHA256SUMS, no parity record)."""
     folder = Path(args.dir)
     if not folder.is_dir():
         raise InputError(folder, "no such folder")
-    problems = verify(folder)
+    problems, failed = verify_folder(folder)
+    if problems and not failed:
+        refuse(folder, "cannot be verified", problems, failed)
     for problem in problems:  # a problem names a file listed in the folder's SHA256SUMS
         print(f"  {shown(problem, MESSAGE_LIMIT)}")
     if problems:
-        raise CheckFailed(f"{folder}: verification FAILED: {problems[0]}"
-                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        refuse(folder, "verification FAILED", problems, failed)
     from parity.card import folder_is_synthetic, is_classifier
 
     synthetic = "; its weights are a SYNTHETIC stand-in (random values), not the published checkpoint"

@@ -1,11 +1,12 @@
 """`parityport publish DIR --repo-id ORG/NAME`: upload a verified folder to the Hugging Face Hub.
 
-A folder is published only when its files match SHA256SUMS and parity.json
-records a pass. The model card (README.md) is regenerated first, with any
+A folder is published only when its files match SHA256SUMS, parity.json
+records a pass and its weights are not a synthetic stand-in. The model card (README.md) is regenerated first, with any
 attached `parityport eval --json` results, and SHA256SUMS is updated for it;
 then one commit adds every file through huggingface_hub's own API
 (`HfApi.create_repo`, `HfApi.create_commit` with `CommitOperationAdd`).
-`--dry-run` builds the same operations and prints them without any network.
+`--dry-run` refuses what the real run refuses, then builds the same operations
+and prints them without any network; `--card-out` writes the card to upload.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from converters.errors import CheckFailed, InputError
+from converters.errors import InputError
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -27,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `parityport publish`."""
     parser.add_argument("dir", type=Path, help="a converted, verified folder")
     parser.add_argument("--repo-id", required=True, help="the hub repository, ORG/NAME")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="refuse what a real run refuses, else list what would be uploaded; no network")
+    parser.add_argument("--card-out", type=Path, metavar="PATH",
+                        help="also write the model card that would be uploaded to PATH (outside DIR)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--eval", dest="evals", type=Path, nargs="+", action="extend", default=[],
                         metavar="EVAL.json", help="`parityport eval --json` results to put on the card")
@@ -37,16 +41,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---- what is published -------------------------------------------------------------------------
 
 def check_publishable(folder: Path) -> None:
-    """Refuse (CheckFailed, naming the file) a folder whose checksums or parity record do not hold, or
-    whose custom code is not parityport's own."""
-    from parity.verify import checksum_problems, code_problems, parity_problems
+    """Refuse a folder the hub must not receive, with one line naming the file, the same for a dry run
+    and a real one: a recorded parity failure, a file that does not match SHA256SUMS or custom code
+    that is not parityport's own is a check that failed (CheckFailed, exit 1); synthetic weights, no
+    SHA256SUMS or no parity record make a folder unpublishable for what it is (InputError, exit 2)."""
+    from parity.verify import code_problems, record_problems, refuse
 
     if not folder.is_dir():
         raise InputError(folder, "no such folder")
-    problems = checksum_problems(folder) + parity_problems(folder) or code_problems(folder)
+    problems, failed = record_problems(folder)
+    if not failed and _is_synthetic(folder):
+        problems, failed = [SYNTHETIC_REFUSAL, *problems], False
+    if not problems:
+        problems, failed = code_problems(folder), True
     if problems:
-        raise CheckFailed(f"{folder}: refusing to publish: {problems[0]}"
-                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        refuse(folder, "refusing to publish", problems, failed)
+
+
+SYNTHETIC_REFUSAL = ("its weights are SYNTHETIC (random values in the original layout), not the published "
+                     "checkpoint")
+
+
+def _is_synthetic(folder: Path) -> bool:
+    from parity.card import folder_is_synthetic
+
+    try:
+        return folder_is_synthetic(folder)
+    except InputError:  # no readable config.json: SHA256SUMS names it
+        return False
 
 
 def read_evals(path: Path, folder: Path) -> list[dict[str, Any]]:
@@ -164,26 +186,26 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Publish DIR (or with --dry-run, print what would be published)."""
-    from parity.card import CARD_FILE, folder_is_synthetic
+    from parity.card import CARD_FILE
     from parity.verify import SUMS_FILE
 
     folder = Path(args.dir)
     if not _REPO_ID.fullmatch(args.repo_id):
         raise InputError(None, f"--repo-id {args.repo_id!r} is not ORG/NAME")
+    if args.card_out is not None and Path(args.card_out).resolve().is_relative_to(folder.resolve()):
+        raise InputError(args.card_out, f"--card-out lies inside {folder}, which publishing must not change "
+                                        "before the upload; give a path outside it")
     check_publishable(folder)
     evals = [result for path in args.evals for result in read_evals(path, folder)]
     files = staged_files(folder, evals, args.repo_id)
     operations = commit_operations(files)
     print(f"{'dry run: ' if args.dry_run else ''}{folder} -> {args.repo_id}")
     print(describe(operations))
-    synthetic = folder_is_synthetic(folder)
-    if synthetic:
-        print("note: SYNTHETIC weights (random values in the original layout): an upload is refused")
+    if args.card_out is not None:
+        _write_atomically(Path(args.card_out), files[CARD_FILE])
+        print(f"the model card to upload: {args.card_out}")
     if args.dry_run:
         return 0
-    if synthetic:
-        raise InputError(folder, "holds SYNTHETIC weights (random values in the original layout), not the "
-                                 "published checkpoint; refusing to publish them")
     token = _hub_token(args.token)
     for name in (CARD_FILE, SUMS_FILE):  # the folder keeps the card it was published with
         _write_atomically(folder / name, files[name])

@@ -319,10 +319,15 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_codes(tmp_path, tiny_npz, c
     unverified = tmp_path / "unverified"
     assert main(["convert", str(tiny_npz), "--out", str(unverified), "--no-parity"]) == 0
     capsys.readouterr()
+    assert main(["--debug", "verify", str(unverified)]) == 2  # no parity record: nothing to verify against
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):"
+    assert err[-1].startswith(f"parityport: error: {unverified}: cannot be verified: parity.json: missing")
+    (unverified / "parity.json").write_text('{"passed": false, "failure": "logits"}')
     assert main(["--debug", "verify", str(unverified)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "Traceback (most recent call last):"
-    assert err[-1].startswith(f"parityport: {unverified}: verification FAILED: parity.json: missing")
+    assert err[-1].startswith(f"parityport: {unverified}: verification FAILED: parity.json: parity FAILED (logits)")
 
 def test_broken_h5_with_wrong_root_width_is_named(tmp_path, capsys):
     arrays = bit_arrays(**TINY_BIT, seed=1)

@@ -117,7 +117,9 @@ def test_d2v1_config_notes_and_weights(d2v1_ft):
     assert config["use_relative_position_bias"] is True and config["use_shared_relative_position_bias"] is False
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (64, 2, 4)
     notes = " ".join(report_of(folder)["notes"])
-    assert "1e-12" in notes and "float16" in notes and "squashes to 224x224" in notes
+    assert "1e-12" in notes and "float16" in notes
+    side = json.loads((folder / "preprocessor_config.json").read_text())["size"]["shortest_edge"]
+    assert f"shorter side to {side} bicubic, centre crop {TINY1.image}, mean 0.5 std 0.5." in (folder / "README.md").read_text()
     weights = load_tensors(folder)
     assert all(t.dtype == torch.float32 for t in weights.values())
     assert not any("relative_position_index" in k or "key.bias" in k for k in weights)

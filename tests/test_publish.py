@@ -420,10 +420,12 @@ def test_synthetic_weights_are_listed_but_never_uploaded(folder, tmp_path, monke
     report["notes"].insert(0, "SYNTHETIC source: random weights in the exact original layout.")
     (copy / "parity.json").write_text(json.dumps(report))
     write_sha256sums(copy)
-    assert main(["publish", str(copy), "--repo-id", "me/tiny", "--dry-run"]) == 0
-    assert "SYNTHETIC" in capsys.readouterr().out
+    assert main(["publish", str(copy), "--repo-id", "me/tiny", "--dry-run"]) == 2
+    refusal = capsys.readouterr().err.strip()
+    assert refusal == (f"parityport: error: {copy}: refusing to publish: its weights are SYNTHETIC (random values "
+                       "in the original layout), not the published checkpoint")
     assert main(["publish", str(copy), "--repo-id", "me/tiny", "--token", "hf_test"]) == 2
-    assert "SYNTHETIC" in last_line(capsys.readouterr().err)
+    assert capsys.readouterr().err.strip() == refusal
     assert "Not the published weights" in model_card(copy, [], None)
     assert main(["verify", str(copy)]) == 0
     assert capsys.readouterr().out.strip().endswith(
@@ -444,9 +446,9 @@ def test_a_stand_in_converted_by_its_path_is_still_synthetic(npz, tmp_path, monk
     assert main(["convert", str(stand_in), "--out", str(out)] + ([] if parity else ["--no-parity"])) == 0
     assert "SYNTHETIC weights" in capsys.readouterr().err
     assert "Not the published weights" in (out / "README.md").read_text()
-    assert main(["publish", str(out), "--repo-id", "me/tiny", "--token", "hf_test"]) == (2 if parity else 1)
+    assert main(["publish", str(out), "--repo-id", "me/tiny", "--token", "hf_test"]) == 2
+    assert "refusing to publish: its weights are SYNTHETIC" in last_line(capsys.readouterr().err)
     if parity:
-        assert "SYNTHETIC" in last_line(capsys.readouterr().err)
         assert main(["verify", str(out)]) == 0
         assert "SYNTHETIC stand-in" in capsys.readouterr().out
 
@@ -535,3 +537,98 @@ def test_verify_loads_a_data2vec2_encoder_through_its_shipped_code(tmp_path, cap
     capsys.readouterr()
     assert main(["verify", str(tmp_path / "out")]) == 0
     assert f"finite {'features' if pretrained else 'logits'} on the photo" in capsys.readouterr().out
+
+
+# ---- refusals: the same for a dry run and a real one; 2 for what a folder is, 1 for a failed check ----
+
+FAILURE = "logits: max-abs 1.00e+00 > limit 1.00e-04 on noise 224x224"
+
+
+def _unpublishable(kind: str, folder: Path, npz: Path, tmp_path: Path) -> Path:
+    """A folder `publish` must refuse: synthetic weights, converted --no-parity, left by a failed
+    parity run (`.parity-failed`: no card, no SHA256SUMS), a tampered weight file, or no SHA256SUMS."""
+    if kind == "no-parity":
+        out = tmp_path / "no-parity"
+        assert main(["convert", str(npz), "--out", str(out), "--no-parity"]) == 0
+        return out
+    copy = Path(shutil.copytree(folder, tmp_path / ("tiny.parity-failed" if kind == "parity-failed" else "tiny")))
+    report = json.loads((copy / "parity.json").read_text())
+    if kind == "synthetic":
+        report["notes"].insert(0, "SYNTHETIC source: random weights in the exact original layout.")
+    if kind == "parity-failed":
+        report.update(passed=False, failure=FAILURE)
+    (copy / "parity.json").write_text(json.dumps(report))
+    write_sha256sums(copy)
+    if kind == "parity-failed":
+        for name in ("README.md", "SHA256SUMS"):  # what a failed convert leaves
+            (copy / name).unlink()
+    if kind == "no-checksums":
+        (copy / "SHA256SUMS").unlink()
+    if kind == "tampered":
+        data = bytearray((copy / "model.safetensors").read_bytes())
+        data[-1] ^= 1
+        (copy / "model.safetensors").write_bytes(bytes(data))
+    return copy
+
+
+REFUSALS = {  # kind: (exit code, the line after "DIR: refusing to publish: " / "DIR: cannot be verified: ")
+    "synthetic": (2, "its weights are SYNTHETIC (random values in the original layout), not the published checkpoint"),
+    "no-parity": (2, "parity.json: missing (converted with --no-parity?); the folder is not verified"),
+    "no-checksums": (2, "SHA256SUMS: missing (no checksums to verify against)"),
+    "parity-failed": (1, f"parity.json: parity FAILED ({FAILURE}) (and 1 more)"),
+    "tampered": (1, "model.safetensors: sha256 does not match SHA256SUMS (changed since conversion)"),
+}
+
+
+def _line(code: int, folder: Path, doing: str, problem: str) -> str:
+    return f"parityport: {'error: ' if code == 2 else ''}{folder}: {doing}: {problem}"
+
+
+@pytest.mark.parametrize("kind", list(REFUSALS))
+def test_a_dry_run_refuses_exactly_what_the_real_run_refuses(folder, npz, tmp_path, monkeypatch, capsys, kind):
+    _no_token(monkeypatch, tmp_path)
+    unpublishable = _unpublishable(kind, folder, npz, tmp_path)
+    capsys.readouterr()
+    code, problem = REFUSALS[kind]
+    expected = _line(code, unpublishable, "refusing to publish", problem)
+    for options in (["--dry-run"], ["--token", "hf_test"]):
+        before = {p.name: p.read_bytes() for p in unpublishable.iterdir()}
+        assert main(["publish", str(unpublishable), "--repo-id", "me/tiny", *options]) == code
+        captured = capsys.readouterr()
+        assert captured.err.strip() == expected and captured.out == ""
+        assert {p.name: p.read_bytes() for p in unpublishable.iterdir()} == before
+
+
+@pytest.mark.parametrize("kind", ["no-parity", "no-checksums", "parity-failed"])
+def test_verify_exits_2_for_what_a_folder_is_and_1_for_a_failed_check(folder, npz, tmp_path, capsys, kind):
+    unverifiable = _unpublishable(kind, folder, npz, tmp_path)
+    capsys.readouterr()
+    code, problem = REFUSALS[kind]
+    assert main(["verify", str(unverifiable)]) == code
+    doing = "cannot be verified" if code == 2 else "verification FAILED"
+    assert last_line(capsys.readouterr().err) == _line(code, unverifiable, doing, problem)
+
+
+def test_a_dry_run_writes_the_card_it_would_upload(folder, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from parityport.publish import staged_files
+
+    copy = copy_of(folder, tmp_path)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps(dict(EVAL, model=str(copy))))
+    card = tmp_path / "to-upload" / "README.md"
+    card.parent.mkdir()
+    assert main(["publish", str(copy), "--repo-id", "me/tiny", "--dry-run", "--eval", str(eval_json),
+                 "--card-out", str(card)]) == 0
+    assert f"the model card to upload: {card}" in capsys.readouterr().out
+    assert card.read_bytes() == staged_files(copy, [dict(EVAL, model=str(copy))], "me/tiny")["README.md"]
+    assert [r.metric_value for r in ModelCard.load(card).data.eval_results] == [79.5, 94.25, 80.386]
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    inside = copy / "card.md"
+    assert main(["publish", str(copy), "--repo-id", "me/tiny", "--dry-run", "--card-out", str(inside)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"parityport: error: {inside}: --card-out lies inside {copy}, which publishing must not change before "
+        "the upload; give a path outside it")
+    assert not inside.exists()
