@@ -27,6 +27,10 @@ TIME_LIMIT = 300.0       # seconds
 
 
 def _limit_memory(limit: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    for held in (soft, hard):  # never above a limit this process already runs under
+        if held != resource.RLIM_INFINITY:
+            limit = min(limit, held)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps from a crashing parse
 
