@@ -33,11 +33,11 @@ def _op(value: object) -> bytes:
 
 def _memo_dag(levels: int) -> bytes:
     """Opcodes pushing a tuple whose two items are one memoized tuple, `levels` deep: 2**levels
-    leaves from ~7 bytes a level (memo slot 0 is rebound to each new level)."""
-    out = b"X\x01\x00\x00\x00aq\x00"
+    leaves from 8 bytes a level (memo slot 0 is rebound to each new level)."""
+    out = b"X\x01\x00\x00\x00aq\x000"
     for _ in range(levels):
-        out += b"h\x00h\x00\x86q\x00"  # BINGET 0, BINGET 0, TUPLE2, BINPUT 0
-    return out
+        out += b"h\x00h\x00\x86q\x000"  # BINGET 0, BINGET 0, TUPLE2, BINPUT 0, POP
+    return out + b"h\x00"
 
 
 def _torch_zip(path: Path, pickled: bytes, storages: dict[str, bytes] | None = None) -> Path:
@@ -119,7 +119,7 @@ def tensor_size_memo_dag(folder: Path) -> Path:
     return _torch_zip(folder / "size_dag.pt", pickled, {"0": b"\0" * 4})
 
 
-def deflated_opcode_run(folder: Path, mib: int = 256) -> Path:
+def deflated_opcode_run(folder: Path, mib: int = 128) -> Path:
     """A data.pkl of `mib` MiB of MARK POP_MARK opcodes, deflated ~1000:1 into a file of ~`mib` KB:
     every opcode walked one at a time."""
     stream, size, crc = _deflate_runs([(b"\x80\x02", 1), (b"(1" * (1 << 19), mib), (b"N.", 1)])
@@ -139,6 +139,14 @@ def memo_dag_of_tensors(folder: Path, levels: int = 21) -> Path:
         out.write(b"}(X\x01\x00\x00\x00ah\x00X\x01\x00\x00\x00bh\x00uq\x00")
     out.write(b".")
     return _torch_zip(folder / "tensor_dag.pt", out.getvalue(), {"0": b"\0" * 4})
+
+
+def memo_dag_of_objects(folder: Path, levels: int = 24) -> Path:
+    """`levels` lists each holding the one below twice: 2**levels objects to walk from ~200 bytes."""
+    out = b"\x80\x02K\x01q\x000"
+    for _ in range(levels):
+        out += b"(h\x00h\x00lq\x000"  # MARK, BINGET 0 twice, LIST, BINPUT 0, POP
+    return _torch_zip(folder / "object_dag.pt", out + b"h\x00.")
 
 
 def _byteorder_bomb(folder: Path, name: str, method: int, stream: bytes) -> Path:
@@ -184,7 +192,8 @@ def h5_vlen_names_one_heap_object(folder: Path, count: int = 3500) -> Path:
     with h5py.File(path, "w") as h5:
         h5.attrs.create("layer_names", names, dtype=h5py.string_dtype())
     raw = bytearray(path.read_bytes())
-    first = raw.find(struct.pack("<I", 1 << 20))  # (length, heap collection address, object index)
+    first = next(at for at in range(len(raw))  # (length, heap collection address, object index) each
+                 if raw[at: at + 4] == struct.pack("<I", 1 << 20) and raw[at + 16: at + 20] == struct.pack("<I", 6))
     element = bytes(raw[first: first + 16])
     for index in range(1, count):
         raw[first + 16 * index: first + 16 * (index + 1)] = element
@@ -210,9 +219,24 @@ def h5_chunks_inflating_past_their_shape(folder: Path) -> Path:
     return _h5_chunked_kernel(folder / "chunk_bomb.h5", 6, _zlib_zeros(1024))
 
 
-def h5_small_chunks_inflating_past_their_shape(folder: Path) -> Path:
-    """Chunks declaring 2,688 bytes, each stored in fewer (2 KB) but inflating to 2 MiB."""
-    return _h5_chunked_kernel(folder / "small_chunk_bomb.h5", 64, _zlib_zeros(2))
+def h5_bit_kernel_inflating_past_its_shape(folder: Path) -> Path:
+    """A small BiT `.h5` one of whose kernels is one deflated chunk stored in fewer bytes than it
+    declares (so no size check sees it) that inflates to ~1000 times its declared size."""
+    from checkpoints.synthetic import bit_arrays, write_bit_h5
+
+    path = folder / "bit_chunk_bomb.h5"
+    write_bit_h5(path, bit_arrays(depths=(1, 1, 1, 1), root_width=32, num_classes=3, seed=0))
+    with h5py.File(path, "a") as h5:
+        datasets: list[h5py.Dataset] = []
+        h5.visititems(lambda _, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        largest = min(datasets, key=lambda d: abs(d.nbytes - (256 << 10)))  # inflating to ~256 MB
+        name, shape, dtype = largest.name, largest.shape, largest.dtype
+        stream = _zlib_zeros(largest.nbytes * 1000 >> 20)
+        assert len(stream) < largest.nbytes
+        del h5[name]
+        h5.create_dataset(name, shape=shape, dtype=dtype, chunks=shape, compression="gzip")
+        h5[name].id.write_direct_chunk((0,) * len(shape), stream)
+    return path
 
 
 SEEDS: dict[str, Callable[[Path], Path]] = {
@@ -221,10 +245,11 @@ SEEDS: dict[str, Callable[[Path], Path]] = {
     "tensor_size_memo_dag": tensor_size_memo_dag,
     "deflated_opcode_run": deflated_opcode_run,
     "memo_dag_of_tensors": memo_dag_of_tensors,
+    "memo_dag_of_objects": memo_dag_of_objects,
     "byteorder_bzip2": byteorder_bzip2,
     "byteorder_lzma": byteorder_lzma,
     "byteorder_deflate": byteorder_deflate,
     "h5_vlen_names_one_heap_object": h5_vlen_names_one_heap_object,
     "h5_chunks_inflating_past_their_shape": h5_chunks_inflating_past_their_shape,
-    "h5_small_chunks_inflating_past_their_shape": h5_small_chunks_inflating_past_their_shape,
+    "h5_bit_kernel_inflating_past_its_shape": h5_bit_kernel_inflating_past_its_shape,
 }

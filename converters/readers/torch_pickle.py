@@ -632,6 +632,10 @@ def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, li
     name = info.filename
     if info.file_size > limit:
         raise InputError(path, f"member {name!r} declares {info.file_size} bytes, over the {limit} limit")
+    if info.compress_type == zipfile.ZIP_DEFLATED and \
+            info.file_size > MAX_INFLATE_RATIO * info.compress_size + _INFLATE_SLACK:
+        raise InputError(path, f"member {name!r} declares {info.file_size} bytes, over the {MAX_INFLATE_RATIO} "
+                               f"times its {info.compress_size} compressed that a real one inflates to; refused")
     with archive.open(info):  # zipfile's own checks of the local header; the bytes are read below
         pass
     start = _data_offset(path, archive, info, info.compress_size)
