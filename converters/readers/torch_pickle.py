@@ -43,9 +43,10 @@ MAX_NODES = 5_000_000           # objects visited while flattening (memo reuse c
 # objects (tied weights), so visits may reach the pickle's byte count, or the floor.
 NODE_FLOOR = 200_000
 NODES_PER_PICKLE_BYTE = 1
-# torch.save spends ~117 bytes of pickle on a tensor (its rebuild call, storage id, key and name).
+# torch.save spends ~117 bytes of pickle on a state-dict tensor (its rebuild call, storage id, key and
+# name) and ~55 on an optimizer-state one (short, memoized names).
 TENSOR_FLOOR = 10_000
-PICKLE_BYTES_PER_TENSOR = 32
+PICKLE_BYTES_PER_TENSOR = 16
 # A stored pickle has at most one opcode per byte; a deflated torch pickle (~5:1, ~3.6 bytes an opcode)
 # about 1.5 per compressed byte. Counted against the whole file, so real checkpoints never come near.
 OPCODE_FLOOR = 1_000_000
