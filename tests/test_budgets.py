@@ -5,6 +5,7 @@ process under an address-space limit, and its peak RSS and CPU time are measured
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -212,3 +213,14 @@ def test_h5_filters_may_not_repeat(tmp_path: Path) -> None:
         h5py.h5d.create(group.id, b"k:0", h5py.h5t.IEEE_F32LE, space, dcpl=plist)
     with pytest.raises(InputError, match=r"dataset '/d/k:0' applies HDF5 filter 1 twice; refused"):
         keras_h5.read_keras_h5(tmp_path / "f.h5")
+
+
+def test_a_long_key_repeated_at_every_level_is_refused_before_its_paths_grow(tmp_path: Path) -> None:
+    """One 1 MiB key, memoized, names 200 nested dicts: the dotted paths would reach 200 MiB each."""
+    key = pickle.dumps("k" * (1 << 20), 2)[2:-1]  # BINUNICODE, BINPUT 0
+    pickled = b"\x80\x02}" + key + b"0" + b"}h\x00" * 199 + b"K\x01" + b"s" * 199 + b"."
+    path = tmp_path / "k.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+    with pytest.raises(InputError, match=r"a dotted path of 1048576 characters \(over 4096\): 'kkk"):
+        read_torch(path)

@@ -58,6 +58,9 @@ _INFLATE_SLACK = 4096           # bytes out allowed before the ratio applies (he
 _INFLATE_PIECE = 64 << 10
 SHOWN_CHARS = 80                # of a value from the file quoted in a message
 MAX_NDIM = 32
+# Real dotted paths are under ~200 characters; a memoized long key repeated at every level would
+# otherwise build paths of gigabytes within the depth and object budgets.
+MAX_PATH_CHARS = 4096
 # torch.save keeps the storage a view was taken from, so an expanded (stride-0) view of one
 # element declares any size from a few bytes of file, and loading it allocates that size. Real
 # checkpoints expand only small buffers (position ids), so views that repeat their storage's
@@ -814,6 +817,9 @@ class _Flattener:
 
     def plain(self, obj: Any, name: str, depth: int) -> Any:
         self.visited += 1
+        if len(name) > MAX_PATH_CHARS:
+            raise InputError(self.path, f"a dotted path of {len(name)} characters (over {MAX_PATH_CHARS}): "
+                                        f"{_shown(name)}")
         if self.visited > self.max_nodes or depth > MAX_DEPTH:
             raise InputError(self.path, f"object structure too large or too deep at {_shown(name)} "
                                         f"(over {self.max_nodes} objects for {self.pickle_bytes} bytes of "
