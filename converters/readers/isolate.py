@@ -54,8 +54,9 @@ class _ChildTraceback(QuotedTraceback):
 def _limit_memory(limit: int) -> int:
     """Limit this process's address space to `limit` bytes, or to the lower limit it already runs
     under (one cannot be raised: `ulimit -v`); return the limit in force."""
-    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-    limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+    for held in resource.getrlimit(resource.RLIMIT_AS):  # soft and hard
+        if held != resource.RLIM_INFINITY:
+            limit = min(limit, held)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps from a crashing parse
     return limit

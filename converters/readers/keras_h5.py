@@ -11,6 +11,7 @@ plugins are refused, since each can make HDF5 read other files or run plugins.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,14 @@ FILE_RATIO_FLOOR = 256 * 2**20
 MAX_LINK_HOPS = 8
 # deflate (gzip), shuffle, fletcher32 and lzf ship with h5py; anything else is a plugin.
 ALLOWED_FILTERS = {1, 2, 3, 32000}
+_DEFLATE, _SHUFFLE, _FLETCHER32 = 1, 2, 3
+# Chunks through these filters are decoded here, each inflated no further than its chunk's size;
+# libhdf5's own deflate grows its buffer until the stream ends.
+DECODED_FILTERS = {_DEFLATE, _SHUFFLE, _FLETCHER32}
+# A filter may not store a chunk in more than its raw size plus this much (deflate's worst case adds
+# 5 bytes a 16 KiB block and a header, fletcher32 4, lzf 1 in 32); a larger chunk is crafted.
+def _max_stored(nbytes: int) -> int:
+    return nbytes + nbytes // 32 + 64
 # What h5py raises on a damaged file; any of them means bad input, not a bug here.
 _H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError,
               AttributeError, UnicodeError, OverflowError, MemoryError)
@@ -121,6 +130,7 @@ def _string_list(path: Path, obj: h5py.HLObject, name: str, where: str) -> list[
 
 
 def _read_attr(path: Path, obj: h5py.HLObject, name: str, where: str) -> np.ndarray:
+    _check_attr_size(path, obj, name, where, None)
     try:
         value = np.asarray(obj.attrs[name])
     except (OSError, ValueError, TypeError, KeyError) as error:
@@ -131,6 +141,27 @@ def _read_attr(path: Path, obj: h5py.HLObject, name: str, where: str) -> np.ndar
     if value.ndim > 1 or value.dtype.kind not in "SUO":
         raise InputError(path, f"{where}: attribute {name!r} is not a list of names")
     return value.reshape(-1)
+
+
+def _check_attr_size(path: Path, obj: h5py.HLObject, name: str, where: str, max_items: int | None) -> None:
+    """Refuse, before reading it, an attribute whose reading could cost more than the file holds:
+    variable-length strings (each is a reference into the heap, and every one may name the same
+    large string; Keras writes fixed-length names) where more than `max_items` elements, or more
+    fixed-size bytes than the file's size."""
+    try:
+        attr = obj.attrs.get_id(name)
+        count, kind = int(np.prod(attr.shape, dtype=np.int64)), attr.get_type()
+        vlen = isinstance(kind, h5py.h5t.TypeVlenID) or (isinstance(kind, h5py.h5t.TypeStringID)
+                                                        and kind.is_variable_str())
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise InputError(path, f"{where}: cannot read attribute {name!r} ({_one_line(error)})") from None
+    if vlen and (max_items is None or count > max_items):
+        raise InputError(path, f"{where}: attribute {name!r} holds {count} variable-length strings (Keras "
+                               "writes fixed-length names; each variable-length one may repeat one stored "
+                               "string); refused")
+    if not vlen and count * kind.get_size() > path.stat().st_size:
+        raise InputError(path, f"{where}: attribute {name!r} declares {count} x {kind.get_size()} bytes, "
+                               "more than the file holds")
 
 
 def _decode(path: Path, item: Any, name: str, where: str) -> str:
@@ -207,6 +238,7 @@ def _check_dataset(path: Path, dataset: h5py.Dataset) -> None:
     if dataset.external:
         raise UnsafeInputError(path, f"dataset {name!r} keeps its data in external files; refused")
     _check_filters(path, dataset)
+    _check_chunks(path, dataset)
     dtype = dataset.dtype
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in PLAIN_KINDS:
         raise InputError(path, f"dataset {name!r} has unsupported dtype {dtype}")
@@ -220,13 +252,42 @@ def _check_dataset(path: Path, dataset: h5py.Dataset) -> None:
                                "(the rest would be read as fill value); refused")
 
 
-def _check_filters(path: Path, dataset: h5py.Dataset) -> None:
+def _filters(dataset: h5py.Dataset) -> list[int]:
     plist = dataset.id.get_create_plist()
-    for index in range(plist.get_nfilters()):
-        code = plist.get_filter(index)[0]
+    return [plist.get_filter(index)[0] for index in range(plist.get_nfilters())]
+
+
+def _check_filters(path: Path, dataset: h5py.Dataset) -> None:
+    codes = _filters(dataset)
+    for code in codes:
         if code not in ALLOWED_FILTERS:
             raise UnsafeInputError(path, f"dataset {dataset.name!r} needs HDF5 filter {code} "
                                          "(a plugin); refused")
+        if codes.count(code) > 1:  # two deflate passes inflate a million-fold
+            raise InputError(path, f"dataset {dataset.name!r} applies HDF5 filter {code} twice; refused")
+
+
+def _chunk_nbytes(dataset: h5py.Dataset) -> int:
+    return int(np.prod(dataset.chunks, dtype=np.int64)) * dataset.dtype.itemsize
+
+
+def _chunks(dataset: h5py.Dataset) -> list[Any]:
+    """The stored chunks' (offset, filter_mask, byte_offset, size), from the chunk index alone."""
+    found: list[Any] = []
+    dataset.id.chunk_iter(found.append)
+    return found
+
+
+def _check_chunks(path: Path, dataset: h5py.Dataset) -> None:
+    """Refuse, before any is read, a chunk stored in more bytes than its filters could make of its
+    declared size (chunk shape x itemsize): the stored bytes would inflate past it."""
+    if dataset.chunks is None or not _filters(dataset):
+        return
+    limit = _max_stored(_chunk_nbytes(dataset))
+    for chunk in _chunks(dataset):
+        if chunk.size > limit:
+            raise InputError(path, f"dataset {dataset.name!r}: the chunk at {list(chunk.chunk_offset)} stores "
+                                   f"{chunk.size} bytes for a chunk of {_chunk_nbytes(dataset)}; refused")
 
 
 def _lazy(path: Path, dataset: h5py.Dataset, name: str) -> LazyTensor:
@@ -250,20 +311,113 @@ def _read_dataset(path: Path, where: str, name: str, shape: tuple[int, ...], dty
         dataset = _resolve(path, h5, where, h5py.Dataset)
         if tuple(dataset.shape) != shape:
             raise InputError(path, f"dataset {where!r} changed since it was opened")
-        array = np.asarray(dataset[()])
+        codes = _filters(dataset)
+        if dataset.chunks is not None and codes and set(codes) <= DECODED_FILTERS and dataset.size:
+            array = _read_chunks(path, dataset, codes)
+        else:
+            array = np.asarray(dataset[()])
     array = array.astype(dtype, copy=False)
     return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _read_chunks(path: Path, dataset: h5py.Dataset, codes: list[int]) -> np.ndarray:
+    """The dataset, its chunks decoded here so that none inflates past its chunk size; chunks never
+    written read as the fill value, as libhdf5 reads them."""
+    array = np.full(dataset.shape, dataset.fillvalue, dataset.dtype)
+    chunk_shape, nbytes = tuple(dataset.chunks), _chunk_nbytes(dataset)
+    for chunk in _chunks(dataset):
+        offset = tuple(chunk.chunk_offset)
+        if chunk.size > _max_stored(nbytes):
+            raise InputError(path, f"dataset {dataset.name!r}: the chunk at {list(offset)} changed since it was opened")
+        mask, raw = dataset.id.read_direct_chunk(offset)
+        data = _unfilter(path, dataset.name, offset, raw, codes, mask, nbytes, dataset.dtype.itemsize)
+        block = np.frombuffer(data, dataset.dtype).reshape(chunk_shape)
+        target = tuple(slice(o, min(o + c, d)) for o, c, d in zip(offset, chunk_shape, dataset.shape))
+        array[target] = block[tuple(slice(0, t.stop - t.start) for t in target)]
+    return array
+
+
+def _unfilter(path: Path, name: str, offset: tuple[int, ...], data: bytes, codes: list[int], mask: int,
+              nbytes: int, itemsize: int) -> bytes:
+    """Undo a chunk's filters, last applied first (those its mask skipped left out)."""
+    where = f"dataset {name!r}: the chunk at {list(offset)}"
+    for index in reversed(range(len(codes))):
+        if mask & (1 << index):
+            continue
+        if codes[index] == _FLETCHER32:
+            data = _check_fletcher32(path, where, data)
+        elif codes[index] == _DEFLATE:
+            data = _inflate(path, where, data, nbytes)
+        elif codes[index] == _SHUFFLE:
+            data = _unshuffle(data, itemsize)
+    if len(data) != nbytes:
+        raise InputError(path, f"{where} decodes to {len(data)} bytes, not its {nbytes}")
+    return data
+
+
+def _inflate(path: Path, where: str, data: bytes, nbytes: int) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, nbytes + 4)  # + fletcher32, where it is applied before deflate
+    except zlib.error as error:
+        raise InputError(path, f"{where}: corrupt deflate stream ({_one_line(error)})") from None
+    if not inflater.eof:
+        raise InputError(path, f"{where} inflates past its {nbytes} bytes (or is truncated); refused")
+    return out
+
+
+def _unshuffle(data: bytes, itemsize: int) -> bytes:
+    whole = len(data) // itemsize * itemsize
+    if itemsize <= 1 or not whole:
+        return data
+    planes = np.frombuffer(data, np.uint8, whole).reshape(itemsize, whole // itemsize)
+    return planes.T.tobytes() + data[whole:]
+
+
+def _check_fletcher32(path: Path, where: str, data: bytes) -> bytes:
+    """`data` less its 4-byte checksum, after checking it as libhdf5 does (or its older byte order)."""
+    body, stored = data[:-4], int.from_bytes(data[-4:], "little")
+    value = fletcher32(body)
+    swapped = ((value & 0xFF00FF00) >> 8) | ((value & 0x00FF00FF) << 8)
+    if len(data) < 4 or stored not in (value, swapped):
+        raise InputError(path, f"{where}: bad fletcher32 checksum (corrupt)")
+    return body
+
+
+def fletcher32(data: bytes) -> int:
+    """libhdf5's Fletcher-32 of `data`: big-endian 16-bit words (an odd last byte as a high byte),
+    both sums kept mod 65535 but as 65535, not 0, once any word is nonzero."""
+    padded = data + b"\0" * (len(data) % 2)
+    words = np.frombuffer(padded, ">u2").astype(np.uint64)
+    if not words.any():
+        return 0
+    count, first, second = len(words), 0, 0
+    for start in range(0, count, 1 << 20):
+        piece = words[start: start + (1 << 20)]
+        weights = (count - start - np.arange(len(piece), dtype=np.uint64)) % 65535
+        first = (first + int(piece.sum())) % 65535
+        second = (second + int((piece * weights % 65535).sum())) % 65535
+    return (((second - 1) % 65535 + 1) << 16) | ((first - 1) % 65535 + 1)
 
 
 def _version_attrs(group: h5py.Group) -> dict[str, str]:
     found = {}
     for key in ("keras_version", "backend"):
+        if key not in group.attrs or _attr_items(group, key) != 1:
+            continue  # a version is one string; reading a list of them could repeat one without limit
         value = group.attrs.get(key)
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         if isinstance(value, str):
             found[key] = value
     return found
+
+
+def _attr_items(obj: h5py.HLObject, name: str) -> int:
+    try:
+        return int(np.prod(obj.attrs.get_id(name).shape, dtype=np.int64))
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _one_line(error: BaseException) -> str:

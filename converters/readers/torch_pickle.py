@@ -23,6 +23,7 @@ import pickletools
 import re
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -36,7 +37,30 @@ from converters.tensors import Checkpoint, LazyTensor
 MAX_PICKLE_BYTES = 256 * 2**20
 MAX_DEPTH = 200                 # nesting of containers in the unpickled object
 MAX_NODES = 5_000_000           # objects visited while flattening (memo reuse can fan out)
+# Budgets that grow with what the file holds, each with a floor that small real files sit far below.
+# Every object the flattening visits is made or named by at least one byte of pickle, unless the memo
+# fans one object out into many paths (a DAG of 40 bytes names 2**20 paths); real files reuse a few
+# objects (tied weights), so visits may reach the pickle's byte count, or the floor.
+NODE_FLOOR = 200_000
+NODES_PER_PICKLE_BYTE = 1
+# torch.save spends ~117 bytes of pickle on a state-dict tensor (its rebuild call, storage id, key and
+# name) and ~55 on an optimizer-state one (short, memoized names).
+TENSOR_FLOOR = 10_000
+PICKLE_BYTES_PER_TENSOR = 16
+# A stored pickle has at most one opcode per byte; a deflated torch pickle (~5:1, ~3.6 bytes an opcode)
+# about 1.5 per compressed byte. Counted against the whole file, so real checkpoints never come near.
+OPCODE_FLOOR = 1_000_000
+OPCODES_PER_FILE_BYTE = 8
+# torch.save stores every member; a re-zipped file may deflate data.pkl (~5:1) and byteorder. More
+# than this many bytes out per compressed byte in, at any point of the stream, is a crafted member.
+MAX_INFLATE_RATIO = 64
+_INFLATE_SLACK = 4096           # bytes out allowed before the ratio applies (headers, tiny members)
+_INFLATE_PIECE = 64 << 10
+SHOWN_CHARS = 80                # of a value from the file quoted in a message
 MAX_NDIM = 32
+# Real dotted paths are under ~200 characters; a memoized long key repeated at every level would
+# otherwise build paths of gigabytes within the depth and object budgets.
+MAX_PATH_CHARS = 4096
 # torch.save keeps the storage a view was taken from, so an expanded (stride-0) view of one
 # element declares any size from a few bytes of file, and loading it allocates that size. Real
 # checkpoints expand only small buffers (position ids), so views that repeat their storage's
@@ -67,6 +91,51 @@ _ITEMSIZE = {"bfloat16": 2, **{n: np.dtype(n).itemsize for n in set(TORCH_DTYPES
 
 class _Bad(Exception):
     """Malformed pickle content; becomes an InputError naming the file."""
+
+
+def _shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A repr of `value` of at most `limit` characters (then "..."), made by walking only as many of
+    its elements as those characters show: a memo DAG of 2**40 leaves or a 5,000-digit integer costs
+    no more to quote than a short tuple, where `str(value)[:limit]` would build all of it first."""
+    parts: list[str] = []
+    size = 0
+
+    def emit(text: str) -> None:
+        nonlocal size
+        parts.append(text)
+        size += len(text)
+
+    def walk(item: Any) -> None:
+        if size > limit:
+            return
+        if isinstance(item, (tuple, list, set, frozenset, dict)):
+            opening, closing = {tuple: "()", list: "[]", dict: "{}"}.get(type(item), "{}")
+            emit(opening)
+            for index, element in enumerate(item.items() if isinstance(item, dict) else item):
+                if size > limit:
+                    break
+                emit(", " * bool(index))
+                if isinstance(item, dict):
+                    walk(element[0])
+                    emit(": ")
+                    walk(element[1])
+                else:
+                    walk(element)
+            emit(closing)
+        elif isinstance(item, (str, bytes, bytearray)):
+            emit(repr(item[: limit + 1]))
+        elif type(item) is int and item.bit_length() > 64:
+            emit(f"<int of {item.bit_length()} bits>")
+        elif item is None or isinstance(item, (bool, int, float, complex)):
+            emit(repr(item))
+        elif isinstance(item, _Global):
+            emit(item.name)
+        else:
+            emit(f"<{type(item).__name__}>")
+
+    walk(value)
+    text = "".join(parts)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---------------------------------------------------------------- descriptors
@@ -166,10 +235,10 @@ class _NumpyDType(_Record):
     def numpy(self) -> np.dtype:
         spec = getattr(self, "spec", None)
         if not isinstance(spec, str) or not re.fullmatch(r"(b1|[iuf][1248]|f2|c8|c16|\?)", spec):
-            raise _Bad(f"numpy dtype {spec!r} is not a plain numeric dtype")
+            raise _Bad(f"numpy dtype {_shown(spec)} is not a plain numeric dtype")
         order = self.state[1] if isinstance(self.state, tuple) and len(self.state) > 1 else "="
         if order not in ("<", ">", "=", "|"):
-            raise _Bad(f"numpy dtype byte order {order!r}")
+            raise _Bad(f"numpy dtype byte order {_shown(order)}")
         return np.dtype(spec).newbyteorder(order if order != "|" else "=")
 
 
@@ -194,7 +263,7 @@ class _NumpyArray(_Record):
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if (not isinstance(value, (tuple, list)) or len(value) > MAX_NDIM
             or not all(type(v) is int and v >= 0 for v in value)):
-        raise _Bad(f"invalid {what}: {str(value)[:80]}")
+        raise _Bad(f"invalid {what}: {_shown(value)}")
     return tuple(value)
 
 
@@ -209,7 +278,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None
     if not isinstance(storage, _Storage):
         raise _Bad("tensor rebuilt from something that is not a storage")
     if type(offset) is not int or offset < 0:
-        raise _Bad(f"invalid storage offset {offset!r}")
+        raise _Bad(f"invalid storage offset {_shown(offset)}")
     shape, strides = _int_tuple(size, "tensor size"), _int_tuple(stride, "tensor stride")
     if len(shape) != len(strides):
         raise _Bad("tensor size and stride differ in length")
@@ -369,13 +438,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _Storage:
         size = 6 if self.legacy else 5
         if not isinstance(pid, tuple) or len(pid) != size or pid[0] != "storage":
-            raise UnsafeInputError(self.path, f"refusing persistent id {str(pid)[:80]!r} "
+            raise UnsafeInputError(self.path, f"refusing persistent id {_shown(pid)} "
                                               "(only torch storages are allowed)")
         _, kind, key, location, numel = pid[:5]
         if not isinstance(kind, _Global) or not kind.dtype or kind.name.split(".")[-1] not in STORAGE_DTYPES:
-            raise _Bad(f"persistent id with storage type {getattr(kind, 'name', kind)!r}")
+            raise _Bad(f"persistent id with storage type {_shown(kind)}")
         if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
-            raise _Bad(f"malformed storage id for key {str(key)[:40]!r}")
+            raise _Bad(f"malformed storage id for key {_shown(key, 40)}")
         return self._register(_Storage(key, kind.dtype, numel, key), pid[5] if self.legacy else None)
 
     def _register(self, storage: _Storage, view: Any) -> _Storage:
@@ -400,38 +469,48 @@ _MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
 
 
 class _Recorder:
-    """Hands `pickletools.genops` the file's bytes and keeps them, to unpickle the same bytes after."""
+    """Hands `pickletools.genops` the file's bytes and keeps them in one buffer (not one bytes
+    object per opcode), to unpickle the same bytes after."""
 
     def __init__(self, file: Any) -> None:
-        self.file, self.parts = file, []
+        self.file, self.data = file, bytearray()
 
     def read(self, n: int) -> bytes:
-        self.parts.append(self.file.read(n))
-        return self.parts[-1]
+        piece = self.file.read(n)
+        self.data += piece
+        return piece
 
     def readline(self) -> bytes:
-        self.parts.append(self.file.readline())
-        return self.parts[-1]
+        piece = self.file.readline()
+        self.data += piece
+        return piece
 
 
-def _scanned(file: Any) -> bytes:
+def _scanned(file: Any, max_opcodes: int) -> bytes:
     """The next pickle in `file`, read up to its STOP, with every memo index checked first.
 
     The C unpickler grows its memo table to twice the largest index a PUT names, so one
     LONG_BINPUT in a file of a few hundred bytes would allocate gigabytes before any other
     check. A pickler numbers its memo from 0, one entry per memoized object, so an index
-    at or past the count of opcodes read so far is refused here, before the unpickler runs.
+    at or past the count of opcodes read so far is refused here, before the unpickler runs;
+    so is a pickle of more than `max_opcodes` opcodes, which bounds the memo with it.
     """
     recorder = _Recorder(file)
     for count, (opcode, arg, _) in enumerate(pickletools.genops(recorder), 1):
         if opcode.name in _MEMO_PUTS and arg >= count:
             raise _Bad(f"memo index {arg} at opcode {count}, past any object the pickle made")
-    return b"".join(recorder.parts)
+        if count > max_opcodes:
+            raise _Bad(f"more than {max_opcodes} opcodes, over the budget for a file of this size")
+    return bytes(recorder.data)
+
+
+def _opcode_budget(path: Path) -> int:
+    return max(OPCODE_FLOOR, OPCODES_PER_FILE_BYTE * path.stat().st_size)
 
 
 def _unpickle(path: Path, file: Any, legacy: bool) -> tuple[Any, dict[str, _Storage]]:
     try:
-        unpickler = _RestrictedUnpickler(io.BytesIO(_scanned(file)), path, legacy)
+        unpickler = _RestrictedUnpickler(io.BytesIO(_scanned(file, _opcode_budget(path))), path, legacy)
         return unpickler.load(), unpickler.storages
     except InputError:
         raise
@@ -511,8 +590,10 @@ def _read_zip(path: Path) -> Checkpoint:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
             prefix = _zip_prefix(path, infos)
+            _check_methods(path, infos)
             little = _byteorder(path, archive, prefix)
-            obj, storages = _unpickle(path, io.BytesIO(_read_pickle(path, archive, prefix)), False)
+            pickled = _read_pickle(path, archive, prefix)
+            obj, storages = _unpickle(path, io.BytesIO(pickled), False)
             spans = {key: _zip_span(path, archive, f"{prefix}/data/{key}", storage)
                      for key, storage in _roots(storages).items()}
     except InputError:
@@ -520,7 +601,7 @@ def _read_zip(path: Path) -> Checkpoint:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
             RuntimeError) as error:  # RuntimeError: zipfile's "encrypted, password required"
         raise InputError(path, f"truncated or not a zip archive ({_one_line(error)})") from None
-    return _checkpoint(path, "torch-zip", obj, spans, little)
+    return _checkpoint(path, "torch-zip", obj, spans, little, len(pickled))
 
 
 def _zip_prefix(path: Path, infos: list[zipfile.ZipInfo]) -> str:
@@ -537,30 +618,77 @@ def _zip_prefix(path: Path, infos: list[zipfile.ZipInfo]) -> str:
     return pickles[0][: -len("/data.pkl")]
 
 
+def _check_methods(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """Every member stored (as torch.save writes them) or deflated (a re-zipped file), and none
+    encrypted: bzip2 and lzma streams expand without bound before a size could cut them."""
+    for info in infos:
+        if info.flag_bits & 0x1:
+            raise InputError(path, f"member {info.filename!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise InputError(path, f"member {info.filename!r} uses compression method {info.compress_type} "
+                                   "(torch.save stores its members; only stored or deflated are read)")
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """The bytes of a small member (data.pkl, byteorder), refused before reading where it declares
+    more than `limit`, and while inflating where it gives more bytes than it declares or more than
+    `MAX_INFLATE_RATIO` per compressed byte read so far. Its CRC-32 is checked."""
+    name = info.filename
+    if info.file_size > limit:
+        raise InputError(path, f"member {name!r} declares {info.file_size} bytes, over the {limit} limit")
+    if info.compress_type == zipfile.ZIP_DEFLATED and \
+            info.file_size > MAX_INFLATE_RATIO * info.compress_size + _INFLATE_SLACK:
+        raise InputError(path, f"member {name!r} declares {info.file_size} bytes, over the {MAX_INFLATE_RATIO} "
+                               f"times its {info.compress_size} compressed that a real one inflates to; refused")
+    with archive.open(info):  # zipfile's own checks of the local header; the bytes are read below
+        pass
+    start = _data_offset(path, archive, info, info.compress_size)
+    archive.fp.seek(start)
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.compress_size != info.file_size:
+            raise InputError(path, f"member {name!r}: stored size {info.compress_size} != declared size "
+                                   f"{info.file_size}")
+        data = archive.fp.read(info.file_size)
+    else:
+        data = _inflate(path, name, archive.fp, info.compress_size, info.file_size)
+    if len(data) != info.file_size:
+        raise InputError(path, f"member {name!r} is truncated ({len(data)} of {info.file_size} bytes)")
+    if zlib.crc32(data) != info.CRC:
+        raise InputError(path, f"member {name!r}: bad CRC-32 (corrupt)")
+    return data
+
+
+def _inflate(path: Path, name: str, file: Any, compressed: int, declared: int) -> bytes:
+    inflater, out, taken = zlib.decompressobj(-15), bytearray(), 0
+    while taken < compressed and not inflater.eof:
+        piece = file.read(min(_INFLATE_PIECE, compressed - taken))
+        if not piece:
+            break
+        taken += len(piece)
+        while piece and not inflater.eof:
+            room = min(declared + 1, MAX_INFLATE_RATIO * taken + _INFLATE_SLACK) - len(out)
+            if room <= 0:
+                raise InputError(path, f"member {name!r} inflates past its declared {declared} bytes or "
+                                       f"{MAX_INFLATE_RATIO} times its compressed size; refused")
+            out += inflater.decompress(piece, room)
+            piece = inflater.unconsumed_tail
+    if not inflater.eof:
+        raise InputError(path, f"member {name!r}: truncated deflate stream")
+    return bytes(out)
+
+
 def _byteorder(path: Path, archive: zipfile.ZipFile, prefix: str) -> bool:
     name = f"{prefix}/byteorder"
     if name not in archive.namelist():
         return True
-    if archive.getinfo(name).file_size > 16:
-        raise InputError(path, f"member {name!r} is too large")
-    value = archive.read(name).strip()
+    value = _read_member(path, archive, archive.getinfo(name), 16).strip()
     if value not in (b"little", b"big"):
         raise InputError(path, f"member {name!r} says {value[:16]!r}, expected little or big")
     return value == b"little"
 
 
 def _read_pickle(path: Path, archive: zipfile.ZipFile, prefix: str) -> bytes:
-    info = archive.getinfo(f"{prefix}/data.pkl")
-    if info.file_size > MAX_PICKLE_BYTES:
-        raise InputError(path, f"data.pkl declares {info.file_size} bytes, over the "
-                               f"{MAX_PICKLE_BYTES} limit")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise InputError(path, "data.pkl uses an unsupported compression method")
-    with archive.open(info) as stream:
-        data = stream.read(info.file_size + 1)
-    if len(data) != info.file_size:
-        raise InputError(path, "data.pkl is truncated")
-    return data
+    return _read_member(path, archive, archive.getinfo(f"{prefix}/data.pkl"), MAX_PICKLE_BYTES)
 
 
 def _roots(storages: dict[str, _Storage]) -> dict[str, _Storage]:
@@ -579,17 +707,17 @@ def _zip_span(path: Path, archive: zipfile.ZipFile, name: str, storage: _Storage
     if info.file_size != expected:
         raise InputError(path, f"storage {storage.key!r} holds {info.file_size} bytes, "
                                f"declared {storage.numel} x {storage.dtype} = {expected}")
-    return _data_offset(path, archive, info), info.file_size
+    return _data_offset(path, archive, info, info.file_size), info.file_size
 
 
-def _data_offset(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+def _data_offset(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, stored: int) -> int:
     archive.fp.seek(info.header_offset)
     header = archive.fp.read(30)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise InputError(path, f"member {info.filename!r}: bad local header")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     start = info.header_offset + 30 + name_len + extra_len
-    if start + info.file_size > path.stat().st_size:
+    if start + stored > path.stat().st_size:
         raise InputError(path, f"member {info.filename!r} is truncated")
     return start
 
@@ -607,7 +735,7 @@ def _read_legacy(path: Path) -> Checkpoint:
             spans = _legacy_spans(path, file, keys, _roots(storages))
     except OSError as error:
         raise InputError(path, f"cannot read ({_one_line(error)})") from None
-    return _checkpoint(path, "torch-legacy", obj, spans, little)
+    return _checkpoint(path, "torch-legacy", obj, spans, little, MAX_PICKLE_BYTES - reader.left)
 
 
 def _legacy_preamble(path: Path, reader: _BoundedReader) -> bool:
@@ -616,7 +744,7 @@ def _legacy_preamble(path: Path, reader: _BoundedReader) -> bool:
         raise InputError(path, "a pickle without torch's magic number (not a PyTorch checkpoint)")
     protocol, _ = _unpickle(path, reader, False)
     if protocol != LEGACY_PROTOCOL:
-        raise InputError(path, f"legacy torch protocol {protocol!r} is not supported")
+        raise InputError(path, f"legacy torch protocol {_shown(protocol)} is not supported")
     info, _ = _unpickle(path, reader, False)
     if not isinstance(info, dict) or not isinstance(info.get("little_endian", True), bool):
         raise InputError(path, "malformed legacy sys_info")
@@ -656,8 +784,8 @@ def _legacy_span(path: Path, file: Any, storage: _Storage, size: int) -> tuple[i
 
 
 def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, tuple[int, int]],
-                little: bool) -> Checkpoint:
-    flat = _Flattener(path)
+                little: bool, pickle_bytes: int) -> Checkpoint:
+    flat = _Flattener(path, pickle_bytes)
     content = flat.plain(obj, "", 0)
     tensors, source_dtypes = {}, {}
     expanded = 0
@@ -675,18 +803,27 @@ def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, tuple[int, int]
 
 
 class _Flattener:
-    """Turns the unpickled object into plain data and collects tensors by dotted path."""
+    """Turns the unpickled object into plain data and collects tensors by dotted path, within budgets
+    of objects visited and tensors found that grow with the pickle's size (`NODE_FLOOR`, ...)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pickle_bytes: int) -> None:
         self.path = path
         self.tensors: dict[str, _TensorRef] = {}
         self.visited = 0
         self.active: set[int] = set()
+        self.max_nodes = min(MAX_NODES, max(NODE_FLOOR, NODES_PER_PICKLE_BYTE * pickle_bytes))
+        self.max_tensors = max(TENSOR_FLOOR, pickle_bytes // PICKLE_BYTES_PER_TENSOR)
+        self.pickle_bytes = pickle_bytes
 
     def plain(self, obj: Any, name: str, depth: int) -> Any:
         self.visited += 1
-        if self.visited > MAX_NODES or depth > MAX_DEPTH:
-            raise InputError(self.path, f"object structure too large or too deep at {name!r}")
+        if len(name) > MAX_PATH_CHARS:
+            raise InputError(self.path, f"a dotted path of {len(name)} characters (over {MAX_PATH_CHARS}): "
+                                        f"{_shown(name)}")
+        if self.visited > self.max_nodes or depth > MAX_DEPTH:
+            raise InputError(self.path, f"object structure too large or too deep at {_shown(name)} "
+                                        f"(over {self.max_nodes} objects for {self.pickle_bytes} bytes of "
+                                        f"pickle, or {MAX_DEPTH} levels: the memo repeats objects)")
         if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, bytearray, slice)):
             return obj
         if isinstance(obj, _TensorRef):
@@ -703,7 +840,10 @@ class _Flattener:
 
     def _tensor(self, ref: _TensorRef, name: str) -> str:
         if name in self.tensors:
-            raise InputError(self.path, f"two tensors have the same dotted path {name!r}")
+            raise InputError(self.path, f"two tensors have the same dotted path {_shown(name)}")
+        if len(self.tensors) >= self.max_tensors:
+            raise InputError(self.path, f"more than {self.max_tensors} tensors for {self.pickle_bytes} bytes "
+                                        "of pickle (the memo repeats one tensor under many names); refused")
         self.tensors[name or "tensor"] = ref
         return f"<tensor {name}>"
 
