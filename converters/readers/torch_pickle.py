@@ -23,6 +23,7 @@ import pickletools
 import re
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -31,7 +32,8 @@ import numpy as np
 
 from converters import memory
 from converters.errors import InputError, UnsafeInputError
-from converters.tensors import Checkpoint, LazyTensor
+from converters.readers import zipcheck
+from converters.tensors import Checkpoint, LazyTensor, exceeds, shape_text, shown
 
 MAX_PICKLE_BYTES = 256 * 2**20
 MAX_DEPTH = 200                 # nesting of containers in the unpickled object
@@ -194,7 +196,7 @@ class _NumpyArray(_Record):
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if (not isinstance(value, (tuple, list)) or len(value) > MAX_NDIM
             or not all(type(v) is int and v >= 0 for v in value)):
-        raise _Bad(f"invalid {what}: {str(value)[:80]}")
+        raise _Bad(f"invalid {what}: {shown(value)}")
     return tuple(value)
 
 
@@ -209,7 +211,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None
     if not isinstance(storage, _Storage):
         raise _Bad("tensor rebuilt from something that is not a storage")
     if type(offset) is not int or offset < 0:
-        raise _Bad(f"invalid storage offset {offset!r}")
+        raise _Bad(f"invalid storage offset {shown(offset)}")
     shape, strides = _int_tuple(size, "tensor size"), _int_tuple(stride, "tensor stride")
     if len(shape) != len(strides):
         raise _Bad("tensor size and stride differ in length")
@@ -511,16 +513,42 @@ def _read_zip(path: Path) -> Checkpoint:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
             prefix = _zip_prefix(path, infos)
+            members = zipcheck.member_spans(path, archive.fp.fileno(), infos, archive.start_dir)
             little = _byteorder(path, archive, prefix)
             obj, storages = _unpickle(path, io.BytesIO(_read_pickle(path, archive, prefix)), False)
-            spans = {key: _zip_span(path, archive, f"{prefix}/data/{key}", storage)
+            crcs = {info.filename: zipcheck.RunningCrc(path, members[info.filename]) for info in infos
+                    if info.compress_type == zipfile.ZIP_STORED}
+            spans = {key: _zip_span(path, archive, f"{prefix}/data/{key}", storage, crcs)
                      for key, storage in _roots(storages).items()}
     except InputError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
             RuntimeError) as error:  # RuntimeError: zipfile's "encrypted, password required"
         raise InputError(path, f"truncated or not a zip archive ({_one_line(error)})") from None
-    return _checkpoint(path, "torch-zip", obj, spans, little)
+    checked_at_parse = {f"{prefix}/data.pkl"}  # read whole through zipfile, which checks its CRC-32
+    rest = [crc for name, crc in crcs.items() if name not in checked_at_parse]
+    compressed = [info for info in infos if info.compress_type != zipfile.ZIP_STORED
+                  and info.filename not in checked_at_parse]
+    return _checkpoint(path, "torch-zip", obj, spans, little, lambda: _verify_members(path, rest, compressed))
+
+
+def _verify_members(path: Path, crcs: list[zipcheck.RunningCrc], compressed: list[zipfile.ZipInfo]) -> None:
+    """Check the CRC-32 of every member byte no load has checked: the rest of each stored member
+    (storages of dropped tensors, bytes past every view), then each compressed member, streamed."""
+    for crc in crcs:
+        crc.finish()
+    if not compressed:
+        return
+    info = compressed[0]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in compressed:
+                with archive.open(info) as stream:
+                    while stream.read(2**20):
+                        pass
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError, RuntimeError,
+            zlib.error) as error:
+        raise InputError(path, f"member {info.filename!r}: truncated or corrupt ({_one_line(error)})") from None
 
 
 def _zip_prefix(path: Path, infos: list[zipfile.ZipInfo]) -> str:
@@ -567,8 +595,9 @@ def _roots(storages: dict[str, _Storage]) -> dict[str, _Storage]:
     return {s.root: s for s in storages.values() if s.root == s.key}
 
 
-def _zip_span(path: Path, archive: zipfile.ZipFile, name: str, storage: _Storage) -> tuple[int, int]:
-    """(file offset, byte length) of a storage member, after checking it against its declaration."""
+def _zip_span(path: Path, archive: zipfile.ZipFile, name: str, storage: _Storage,
+              crcs: dict[str, zipcheck.RunningCrc]) -> "_StorageBytes":
+    """How to read a storage member, after checking it against its declaration."""
     try:
         info = archive.getinfo(name)
     except KeyError:
@@ -579,19 +608,40 @@ def _zip_span(path: Path, archive: zipfile.ZipFile, name: str, storage: _Storage
     if info.file_size != expected:
         raise InputError(path, f"storage {storage.key!r} holds {info.file_size} bytes, "
                                f"declared {storage.numel} x {storage.dtype} = {expected}")
-    return _data_offset(path, archive, info), info.file_size
+    return _MemberBytes(path, crcs[name])
 
 
-def _data_offset(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
-    archive.fp.seek(info.header_offset)
-    header = archive.fp.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise InputError(path, f"member {info.filename!r}: bad local header")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    start = info.header_offset + 30 + name_len + extra_len
-    if start + info.file_size > path.stat().st_size:
-        raise InputError(path, f"member {info.filename!r} is truncated")
-    return start
+class _StorageBytes:
+    """Reads bytes of one storage, by offset from its first byte."""
+
+    def read(self, first: int, nbytes: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _MemberBytes(_StorageBytes):
+    """A zip member's bytes, mapped from its first byte, each new byte added to its running CRC-32."""
+
+    path: Path
+    crc: zipcheck.RunningCrc
+
+    def read(self, first: int, nbytes: int) -> np.ndarray:
+        if not nbytes:
+            return np.empty(0, np.uint8)
+        mapped = zipcheck.map_member(self.path, self.crc.span, first + nbytes)
+        self.crc.cover(mapped)
+        return mapped[first:]
+
+
+@dataclass(frozen=True)
+class _StreamBytes(_StorageBytes):
+    """A legacy storage's bytes, from `start` in the file (the legacy stream has no checksum)."""
+
+    path: Path
+    start: int
+
+    def read(self, first: int, nbytes: int) -> np.ndarray:
+        return _read_span(self.path, self.start + first, nbytes)
 
 
 # ---------------------------------------------------------------- legacy stream
@@ -623,7 +673,7 @@ def _legacy_preamble(path: Path, reader: _BoundedReader) -> bool:
     return info.get("little_endian", True)
 
 
-def _legacy_spans(path: Path, file: Any, keys: Any, roots: dict[str, _Storage]) -> dict[str, tuple[int, int]]:
+def _legacy_spans(path: Path, file: Any, keys: Any, roots: dict[str, _Storage]) -> dict[str, _StorageBytes]:
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
         raise InputError(path, "malformed legacy storage key list")
     missing = sorted(set(roots) - set(keys))
@@ -637,7 +687,7 @@ def _legacy_spans(path: Path, file: Any, keys: Any, roots: dict[str, _Storage]) 
     return spans
 
 
-def _legacy_span(path: Path, file: Any, storage: _Storage, size: int) -> tuple[int, int]:
+def _legacy_span(path: Path, file: Any, storage: _Storage, size: int) -> _StorageBytes:
     raw = file.read(8)
     if len(raw) != 8:
         raise InputError(path, f"storage {storage.key!r} is truncated")
@@ -649,20 +699,20 @@ def _legacy_span(path: Path, file: Any, storage: _Storage, size: int) -> tuple[i
     if start + nbytes > size:
         raise InputError(path, f"storage {storage.key!r} is truncated")
     file.seek(start + nbytes)
-    return start, nbytes
+    return _StreamBytes(path, start)
 
 
 # ---------------------------------------------------------------- flattening
 
 
-def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, tuple[int, int]],
-                little: bool) -> Checkpoint:
+def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, _StorageBytes],
+                little: bool, verify_unread: Callable[[], None] = lambda: None) -> Checkpoint:
     flat = _Flattener(path)
     content = flat.plain(obj, "", 0)
     tensors, source_dtypes = {}, {}
-    expanded = 0
+    expanded, limit = 0, max(path.stat().st_size, MAX_EXPANDED_BYTES)
     for name, ref in flat.tensors.items():
-        _check_bounds(path, name, ref)
+        _check_bounds(path, name, ref, limit)
         expanded += _check_expansion(path, name, ref, expanded)
         tensors[name] = _lazy(path, ref, spans[ref.storage.root], little)
         if ref.dtype == "bfloat16":
@@ -671,7 +721,7 @@ def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, tuple[int, int]
     if "source_dtypes" in meta:
         meta["content.source_dtypes"] = meta.pop("source_dtypes")
     meta["source_dtypes"] = source_dtypes
-    return Checkpoint(path, fmt, tensors, meta)
+    return Checkpoint(path, fmt, tensors, meta, verify_unread)
 
 
 class _Flattener:
@@ -749,8 +799,17 @@ def _unwrap(path: Path, record: _Record, name: str) -> Any:
     return state.get("_val") if isinstance(record, _Node) else state.get("_content")
 
 
-def _check_bounds(path: Path, name: str, ref: _TensorRef) -> None:
+def _check_bounds(path: Path, name: str, ref: _TensorRef, limit: int) -> None:
+    """The tensor must lie inside its storage; sizes, strides and offset must be int64s before any
+    of them is multiplied or formatted, and a zero-size tensor's other dimensions may not declare
+    more than `limit` bytes (a zero does not switch the check off)."""
     storage, itemsize = ref.storage, _ITEMSIZE[ref.dtype]
+    if any(v >= 2**63 for v in (*ref.shape, *ref.stride, ref.offset)):
+        raise InputError(path, f"tensor {name!r} declares shape {shape_text(ref.shape)}, stride "
+                               f"{shape_text(ref.stride)}, offset {shown(ref.offset)}: past torch's int64")
+    if not _prod(ref.shape) and exceeds(ref.shape, itemsize, limit):
+        raise InputError(path, f"tensor {name!r} declares shape {shape_text(ref.shape)}, past what the "
+                               "file could hold (a zero dimension counted as one)")
     capacity = storage.numel * _ITEMSIZE[storage.dtype] // itemsize
     if _prod(ref.shape) and ref.offset + _span(ref) > capacity:
         raise InputError(path, f"tensor {name!r} ({ref.dtype}{list(ref.shape)}, offset "
@@ -781,17 +840,17 @@ def _span(ref: _TensorRef) -> int:
 # ---------------------------------------------------------------- loading
 
 
-def _lazy(path: Path, ref: _TensorRef, span: tuple[int, int], little: bool) -> LazyTensor:
+def _lazy(path: Path, ref: _TensorRef, storage: _StorageBytes, little: bool) -> LazyTensor:
     dtype = np.dtype("float32" if ref.dtype == "bfloat16" else ref.dtype)
-    return LazyTensor(ref.shape, dtype, lambda: _load(path, ref, span, little))
+    return LazyTensor(ref.shape, dtype, lambda: _load(ref, storage, little))
 
 
-def _load(path: Path, ref: _TensorRef, span: tuple[int, int], little: bool) -> np.ndarray:
+def _load(ref: _TensorRef, storage: _StorageBytes, little: bool) -> np.ndarray:
     """Read only the bytes the tensor touches, then lay them out C-contiguously."""
     itemsize = _ITEMSIZE[ref.dtype]
     first = ref.storage.elem_offset * _ITEMSIZE[ref.storage.dtype] + ref.offset * itemsize
     count = _span(ref)
-    raw = _read_span(path, span[0] + first, count * itemsize)
+    raw = storage.read(first, count * itemsize)
     storage_dtype = np.dtype("uint16" if ref.dtype == "bfloat16" else ref.dtype)
     flat = raw.view(storage_dtype.newbyteorder("<" if little else ">"))
     if _is_contiguous(ref) or not count:
