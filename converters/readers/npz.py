@@ -2,7 +2,8 @@
 
 The zip central directory is parsed with `zipfile`; every `.npy` member's header
 is parsed and checked (name, dtype, shape, byte count, compression ratio) before
-a single array byte is read or allocated. `allow_pickle` is never involved: an
+a single array byte is read or allocated; every directory entry must agree with its
+local header, and no two members' bytes may overlap (`zipcheck`). `allow_pickle` is never involved: an
 object dtype is refused outright. Peak memory is one tensor: a stored (uncompressed)
 member is mapped straight from its offset in the file, after its local header and
 `.npy` header are checked again, and its CRC-32 is verified; a deflated member is
@@ -94,6 +95,7 @@ def read_npz(path: str | Path) -> Checkpoint:
 
 
 def _member_spans(path: Path, archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> dict[str, zipcheck.MemberSpan]:
+    """Every member's span, its directory entry checked against its local header, none overlapping."""
     try:
         return zipcheck.member_spans(path, archive.fp.fileno(), infos, archive.start_dir)
     except OSError as error:

@@ -6,7 +6,10 @@ functions and storage types become lazy descriptors, `argparse.Namespace` and
 omegaconf containers become inert records, numpy scalars become numbers, and
 every other global is refused by name before it can be called. Persistent ids
 must be torch's `('storage', type, key, location, numel)`. Storage bytes are read
-later, one tensor at a time, straight from the file at a checked offset.
+later, one tensor at a time, straight from the file at a checked offset; in the zip
+container each directory entry is checked against its local header first, and every
+byte read is added to its member's running CRC-32 (`zipcheck.RunningCrc`), the bytes no
+tensor reads by `Checkpoint.verify_unread`.
 
 Both containers are read: the zip format of torch >= 1.6 (`<name>/data.pkl`,
 `<name>/data/<key>`) and the legacy stream (magic number, protocol, sys_info,
