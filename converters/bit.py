@@ -16,14 +16,15 @@ import numpy as np
 from converters.errors import InputError
 from converters.family import Conversion
 from converters.rules import Compose, Rename, Reshape, Rule, Transpose, apply_rules
-from converters.shapes import bit_shapes
-from converters.tensors import Checkpoint, LazyTensor
+from converters.shapes import MAX_CLASSES, bit_shapes
+from converters.tensors import Checkpoint, LazyTensor, plausible_dims
 
 HWIO_TO_OIHW = Transpose((3, 2, 0, 1))
 GROUPS = 32  # GroupNorm(32) everywhere in BiT
 UNIT = "resnet/block{b}/unit{u:02d}"
 LAYER = "bit.encoder.stages.{b-1}.layers.{u-1}"
 ROOT_KERNEL = "resnet/root_block/standardized_conv2d/kernel"
+MAX_WIDTH = 2**16  # channels (and kernel sides); the widest published BiT, R152x4, has 8192
 HEAD_BIAS = "resnet/head/conv2d/bias"
 
 
@@ -157,17 +158,24 @@ def infer_spec(tensors: dict[str, LazyTensor]) -> BitSpec:
         raise InputError(None, f"expected blocks 1-4 under resnet/, found {blocks}")
     depths = tuple(len({k.split("/")[2] for k in tensors if k.startswith(f"resnet/block{b}/unit")})
                    for b in blocks)
-    hidden = tuple(_shape(tensors, f"resnet/block{b}/unit01/c/standardized_conv2d/kernel")[3] for b in blocks)
+    hidden = tuple(_kernel_width(tensors, f"resnet/block{b}/unit01/c/standardized_conv2d/kernel") for b in blocks)
     head = "dense" if "resnet/head/dense/bias" in tensors else "conv2d"
-    spec = BitSpec(depths, _shape(tensors, ROOT_KERNEL)[3], hidden,
-                   _shape(tensors, f"resnet/head/{head}/bias")[0], head)
+    bias = f"resnet/head/{head}/bias"
+    spec = BitSpec(depths, _kernel_width(tensors, ROOT_KERNEL), hidden,
+                   plausible_dims(bias, _shape(tensors, bias), 1, MAX_CLASSES)[0], head)
     _check_consistent(tensors, spec)
     return spec
 
 
+def _kernel_width(tensors: dict[str, LazyTensor], key: str) -> int:
+    """The output channels of an HWIO kernel, every dimension checked as data first."""
+    return plausible_dims(key, _shape(tensors, key), 4, MAX_WIDTH)[3]
+
+
 def _check_consistent(tensors: dict[str, LazyTensor], spec: BitSpec) -> None:
     """The root width must feed block1 (the known broken BiT-S .h5 files fail here)."""
-    first = _shape(tensors, "resnet/block1/unit01/a/group_norm/gamma")[0]
+    gamma = "resnet/block1/unit01/a/group_norm/gamma"
+    first = plausible_dims(gamma, _shape(tensors, gamma), 1, MAX_WIDTH)[0]
     if first != spec.embedding_size:
         raise InputError(None, f"root kernel has {spec.embedding_size} output channels but "
                                f"block1/unit01 expects {first}: inconsistent file (the published "

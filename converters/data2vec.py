@@ -32,8 +32,8 @@ import numpy as np
 from converters.errors import InputError
 from converters.family import Conversion
 from converters.rules import Broadcast, Drop, Rename, Rule, SplitRows, apply_rules
-from converters.shapes import data2vec2_vision_shapes, data2vec_vision_shapes
-from converters.tensors import Checkpoint, LazyTensor
+from converters.shapes import MAX_CLASSES, data2vec2_vision_shapes, data2vec_vision_shapes
+from converters.tensors import Checkpoint, LazyTensor, plausible_dims, shape_text, shown
 
 CROP_PCT = 0.875  # both originals: resize the shorter side to int(crop / 0.875), centre-crop `crop`
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # data2vec 1.0 fine-tuning (no --imagenet_default_mean_and_std)
@@ -63,6 +63,9 @@ D2V2_HEADS_BY_DIM = {768: 12, 1024: 16, 1280: 16}
 # (224 px) to 24 (384 px); the 1.0 index rebuilt for a window of W is (W*W+1)^2 int64, 134 MB at 64,
 # and it grows as W^4, so a file declaring a larger grid is refused before anything is built.
 MAX_GRID = 64
+MAX_WIDTH = 2**16  # any dimension a variant is read from; ViT-H has 1280 channels and 5120 hidden
+# A LayerNorm eps guards a division (1e-12 to 1e-5 in practice); anything past this is not one.
+MAX_NORM_EPS = 0.1
 
 
 def _variant_name(arch: str, num_classes: int) -> str:
@@ -80,10 +83,15 @@ def _shape(tensors: Mapping[str, LazyTensor], key: str) -> tuple[int, ...]:
     return tuple(tensors[key].shape)
 
 
+def _dims(tensors: Mapping[str, LazyTensor], key: str, rank: int, high: int = MAX_WIDTH) -> tuple[int, ...]:
+    """The shape of `key`, in `rank` dimensions each from 1 to `high`, else `InputError`."""
+    return plausible_dims(key, _shape(tensors, key), rank, high)
+
+
 def _check_heads(heads: int, dim: int, source: str) -> int:
     """`heads` if it splits the width `dim` evenly, else `InputError` naming `source`."""
     if heads <= 0 or dim % heads:
-        raise InputError(None, f"{source} gives {heads} attention heads, which do not split the "
+        raise InputError(None, f"{source} gives {shown(heads)} attention heads, which do not split the "
                                f"width {dim} evenly")
     return heads
 
@@ -100,8 +108,8 @@ def _conv_shape(tensors: Mapping[str, LazyTensor], key: str) -> tuple[int, ...]:
     """The patch embedding's [dim, channels, patch, patch], refused in any other rank."""
     shape = _shape(tensors, key)
     if len(shape) != 4:
-        raise InputError(None, f"{key} has shape {list(shape)}; expected [dim, channels, patch, patch]")
-    return shape
+        raise InputError(None, f"{key} has shape {shape_text(shape)}; expected [dim, channels, patch, patch]")
+    return plausible_dims(key, shape, 4, MAX_WIDTH)
 
 
 def _count(tensors: Mapping[str, LazyTensor], prefix: str) -> int:
@@ -239,15 +247,15 @@ def infer_d2v1(tensors: Mapping[str, LazyTensor]) -> D2V1Spec:
         raise InputError(None, f"both {shared} and per-layer tables: unsupported combination")
     table = per_layer if per_layer in tensors else shared
     if len(_shape(tensors, table)) != 2:
-        raise InputError(None, f"{table} has shape {list(_shape(tensors, table))}; expected [rows, heads]")
-    rows, heads = _shape(tensors, table)
+        raise InputError(None, f"{table} has shape {shape_text(_shape(tensors, table))}; expected [rows, heads]")
+    rows, heads = plausible_dims(table, _shape(tensors, table), 2, MAX_WIDTH, low=0)  # 0 heads: said below
     conv = _conv_shape(tensors, f"{p}patch_embed.proj.weight")
-    dim = _shape(tensors, f"{p}cls_token")[-1]
+    dim = _dims(tensors, f"{p}cls_token", 3)[-1]
     return D2V1Spec(
         prefix=p, dim=dim, depth=_count(tensors, f"{p}blocks."), heads=_check_heads(heads, dim, table),
-        mlp_hidden=_shape(tensors, f"{p}blocks.0.mlp.fc1.weight")[0], patch=conv[-1],
+        mlp_hidden=_dims(tensors, f"{p}blocks.0.mlp.fc1.weight", 2)[0], patch=conv[-1],
         image=_d2v1_window(rows, table) * conv[-1], in_chans=conv[1],
-        num_classes=_shape(tensors, f"{p}head.weight")[0] if f"{p}head.weight" in tensors else 0,
+        num_classes=_dims(tensors, f"{p}head.weight", 2, MAX_CLASSES)[0] if f"{p}head.weight" in tensors else 0,
         shared_rel_pos=table == shared)
 
 
@@ -425,7 +433,7 @@ def _cfg_value(cfg: Mapping[str, Any], key: str, kind: type | tuple[type, ...], 
     value = cfg.get(key)
     if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
         return value
-    raise InputError(None, f"cfg field {name or key!r} is {value!r}; expected {what}")
+    raise InputError(None, f"cfg field {name or key!r} is {shown(value)}; expected {what}")
 
 
 def _d2v2_heads(backbone: Mapping[str, Any], dim: int, notes: list[str]) -> int:
@@ -444,7 +452,7 @@ def _check_d2v2_cfg(model: Mapping[str, Any], backbone: Mapping[str, Any], spec:
     """The cfg must describe what the shapes say, and a mean-pooling classifier."""
     mode = model.get("prediction_mode", "MEAN_POOLING")
     if mode not in ("MEAN_POOLING", None):
-        raise InputError(None, f"cfg.model.prediction_mode is {mode!r}; only MEAN_POOLING converts")
+        raise InputError(None, f"cfg.model.prediction_mode is {shown(mode)}; only MEAN_POOLING converts")
     first = _cfg_value(backbone, "layer_norm_first", bool, "true or false")
     if first is not None and first != spec.layer_norm_first:
         raise InputError(None, f"cfg says layer_norm_first={first} but the keys say {spec.layer_norm_first} "
@@ -453,7 +461,7 @@ def _check_d2v2_cfg(model: Mapping[str, Any], backbone: Mapping[str, Any], spec:
     image = _cfg_value(modalities, "image", dict, "a mapping", "modalities.image") or {}
     prenet = _cfg_value(image, "prenet_depth", int, "an integer", "modalities.image.prenet_depth")
     if prenet is not None and prenet != spec.prenet_depth:
-        raise InputError(None, f"cfg says prenet_depth={prenet} but the file has {spec.prenet_depth} "
+        raise InputError(None, f"cfg says prenet_depth={shown(prenet)} but the file has {spec.prenet_depth} "
                                "context_encoder blocks")
 
 
@@ -461,8 +469,10 @@ def _d2v2_eps(model: Mapping[str, Any], backbone: Mapping[str, Any]) -> float:
     """The cfg's LayerNorm eps (classifier cfg first), `LN_EPS` when neither gives one."""
     eps = (_cfg_value(model, "norm_eps", (int, float), "a positive number")
            or _cfg_value(backbone, "norm_eps", (int, float), "a positive number") or LN_EPS)
-    if not 0 < eps < float("inf"):
-        raise InputError(None, f"cfg field 'norm_eps' is {eps!r}; expected a positive number")
+    if not 0 < eps:
+        raise InputError(None, f"cfg field 'norm_eps' is {shown(eps)}; expected a positive number")
+    if eps > MAX_NORM_EPS:  # compared as it is: an int of 400 digits has no float
+        raise InputError(None, f"cfg field 'norm_eps' is {shown(eps)}; a LayerNorm eps is at most {MAX_NORM_EPS}")
     return float(eps)
 
 
@@ -470,7 +480,7 @@ def _d2v2_grid(shape: tuple[int, ...], dim: int, key: str) -> int:
     """Patches per side from the stored position table's shape [1, G*G, dim], before it is read."""
     grid = int(round(shape[1] ** 0.5)) if len(shape) == 3 else 0
     if len(shape) != 3 or shape[0] != 1 or shape[2] != dim or not grid or grid * grid != shape[1]:
-        raise InputError(None, f"{key} has shape {list(shape)}; expected [1, G*G, {dim}] for a GxG grid "
+        raise InputError(None, f"{key} has shape {shape_text(shape)}; expected [1, G*G, {dim}] for a GxG grid "
                                "of patches")
     return _check_grid(grid, key)
 
@@ -507,9 +517,9 @@ def infer_d2v2(tensors: Mapping[str, LazyTensor], meta: Mapping[str, Any], notes
     spec = D2V2Spec(
         backbone=b, dim=conv[0], prenet_depth=_count(tensors, e + "context_encoder.blocks."),
         depth=_count(tensors, b + "blocks."), heads=_d2v2_heads(backbone, conv[0], notes),
-        mlp_hidden=_shape(tensors, b + "blocks.0.mlp.fc1.weight")[0], patch=conv[-1],
+        mlp_hidden=_dims(tensors, b + "blocks.0.mlp.fc1.weight", 2)[0], patch=conv[-1],
         image=grid * conv[-1], in_chans=conv[1],
-        num_classes=_shape(tensors, f"{D2V2_HEAD}head.weight")[0] if finetuned else 0,
+        num_classes=_dims(tensors, f"{D2V2_HEAD}head.weight", 2, MAX_CLASSES)[0] if finetuned else 0,
         layer_norm_first=e + "context_encoder.norm.weight" not in tensors,
         norm_eps=_d2v2_eps(model, backbone))
     _check_d2v2_cfg(model, backbone, spec)

@@ -14,6 +14,10 @@ from typing import Any, Mapping
 
 Shapes = dict[str, tuple[int, ...]]
 
+# The most classes a converted head may have: a label table is built per class, in memory, before
+# any weight is read (the largest published head, ImageNet-21k's, has 21843).
+MAX_CLASSES = 2**17
+
 
 # ---------------------------------------------------------------------------
 # BiT: transformers `BitForImageClassification`, layer_type "preactivation"

@@ -124,6 +124,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 os.replace(tmp, failed)
                 raise CheckFailed(f"{src}: parity FAILED ({report.failure}); "
                                   f"report kept in {failed}, nothing written to {dest}")
+        checkpoint.verify_unread()  # the CRC-32 of member bytes no tensor load read (dropped keys)
         if identity(src) != opened.identity:  # its hash, CRCs and mapped pages may disagree with each other
             raise InputError(src, "changed while it was being converted; nothing was written")
         _write_card(tmp, dest)
@@ -202,6 +203,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     _check_same_tensors(conversion, folder, src)
 
     report = verify_conversion(checkpoint, conversion, folder, _stored_dtype(folder))
+    checkpoint.verify_unread()
     print(report_markdown(report))
     if not report.passed:
         raise CheckFailed(f"{folder}: parity FAILED ({report.failure})")

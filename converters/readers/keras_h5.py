@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from converters.errors import InputError, UnsafeInputError
-from converters.tensors import Checkpoint, LazyTensor
+from converters.tensors import Checkpoint, LazyTensor, exceeds, shape_text
 
 PLAIN_KINDS = "biufc"
 MAX_TENSOR_BYTES = 64 * 2**30
@@ -242,8 +242,9 @@ def _check_dataset(path: Path, dataset: h5py.Dataset) -> None:
     dtype = dataset.dtype
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in PLAIN_KINDS:
         raise InputError(path, f"dataset {name!r} has unsupported dtype {dtype}")
-    if dataset.nbytes > MAX_TENSOR_BYTES:
-        raise InputError(path, f"dataset {name!r} declares {dataset.nbytes} bytes, over the limit")
+    if exceeds(dataset.shape, dtype.itemsize, MAX_TENSOR_BYTES):
+        raise InputError(path, f"dataset {name!r} declares shape {shape_text(dataset.shape)}, over the "
+                               f"{MAX_TENSOR_BYTES >> 30} GiB limit (a zero dimension counted as one)")
     stored = dataset.id.get_storage_size()
     if dataset.nbytes and stored == 0:
         raise InputError(path, f"dataset {name!r} has no stored data")

@@ -2,7 +2,8 @@
 
 The zip central directory is parsed with `zipfile`; every `.npy` member's header
 is parsed and checked (name, dtype, shape, byte count, compression ratio) before
-a single array byte is read or allocated. `allow_pickle` is never involved: an
+a single array byte is read or allocated; every directory entry must agree with its
+local header, and no two members' bytes may overlap (`zipcheck`). `allow_pickle` is never involved: an
 object dtype is refused outright. Peak memory is one tensor: a stored (uncompressed)
 member is mapped straight from its offset in the file, after its local header and
 `.npy` header are checked again, and its CRC-32 is verified; a deflated member is
@@ -24,7 +25,8 @@ from numpy.lib import format as npy_format
 
 from converters import memory
 from converters.errors import InputError, UnsafeInputError
-from converters.tensors import Checkpoint, LazyTensor
+from converters.readers import zipcheck
+from converters.tensors import Checkpoint, LazyTensor, exceeds, shape_text
 
 # A deflate stream cannot expand more than ~1032:1; anything above is a crafted member.
 MAX_MEMBER_RATIO = 1100
@@ -74,15 +76,30 @@ def read_npz(path: str | Path) -> Checkpoint:
     with _open_zip(path) as archive:
         infos = archive.infolist()
         _check_directory(path, infos)
+        spans = _member_spans(path, archive, infos)
         members = [_inspect_member(path, archive, info) for info in infos]
-    size = path.stat().st_size
-    with open(path, "rb", buffering=0) as file:
-        members = [_locate(path, file, info, m, size) if info.compress_type == zipfile.ZIP_STORED else m
-                   for m, info in zip(members, infos)]
-    tensors = {m.name[: -len(".npy")]: _lazy(path, m) for m in members}
+    members = [replace(m, data_start=spans[info.filename].data_start)
+               if info.compress_type == zipfile.ZIP_STORED else m for m, info in zip(members, infos)]
+    checked: set[str] = set()
+    tensors = {m.name[: -len(".npy")]: _lazy(path, m, checked) for m in members}
     compressed = [m.name[: -len(".npy")] for m, info in zip(members, infos)
                   if info.compress_type != zipfile.ZIP_STORED]
-    return Checkpoint(path, "npz", tensors, {"compressed_members": compressed})
+
+    def verify_unread() -> None:  # a member is CRC-checked whole as it loads: load those never loaded
+        for member in members:
+            if member.name not in checked:
+                _load(path, member)
+                checked.add(member.name)
+
+    return Checkpoint(path, "npz", tensors, {"compressed_members": compressed}, verify_unread)
+
+
+def _member_spans(path: Path, archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> dict[str, zipcheck.MemberSpan]:
+    """Every member's span, its directory entry checked against its local header, none overlapping."""
+    try:
+        return zipcheck.member_spans(path, archive.fp.fileno(), infos, archive.start_dir)
+    except OSError as error:
+        raise InputError(path, f"cannot read ({_one_line(error)})") from None
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -163,7 +180,7 @@ def _parse_header(path: Path, info: zipfile.ZipInfo, stream) -> _Member:
             UnicodeDecodeError, OverflowError, KeyError, EOFError) as error:
         raise InputError(path, f"member {name!r}: bad .npy header ({_one_line(error)})") from None
     _check_dtype(path, name, dtype)
-    _check_shape(path, name, shape)
+    _check_shape(path, name, shape, dtype)
     header_len = stream.tell()
     nbytes = _prod(shape) * dtype.itemsize
     if header_len + nbytes != info.file_size:
@@ -172,15 +189,6 @@ def _parse_header(path: Path, info: zipfile.ZipInfo, stream) -> _Member:
                                f"{info.file_size - header_len}")
     return _Member(name, tuple(shape), dtype, bool(fortran), header_len, nbytes, info.CRC,
                    info.header_offset)
-
-
-def _locate(path: Path, file, info: zipfile.ZipInfo, member: _Member, size: int) -> _Member:
-    """`member` with the offset of its bytes, from its local header (checked as zipfile checks it)."""
-    start = _local_data_start(path, file, info.filename, info.orig_filename, info.header_offset)
-    if start + info.compress_size > size:
-        raise InputError(path, f"member {info.filename!r}: truncated or corrupt "
-                               f"(its {info.compress_size} bytes run past the end of the file)")
-    return replace(member, data_start=start)
 
 
 def _local_data_start(path: Path, file, name: str, orig_name: str, offset: int) -> int:
@@ -214,11 +222,11 @@ def _check_dtype(path: Path, name: str, dtype: np.dtype) -> None:
                                "(only plain numeric dtypes are read)")
 
 
-def _check_shape(path: Path, name: str, shape: tuple[int, ...]) -> None:
+def _check_shape(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
     if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
-        raise InputError(path, f"member {name!r} has an invalid shape {list(shape)}")
-    if _prod(shape) > MAX_TOTAL_BYTES:
-        raise InputError(path, f"member {name!r} declares an absurd shape {list(shape)}")
+        raise InputError(path, f"member {name!r} has an invalid shape {shape_text(shape[:MAX_NDIM + 1])}")
+    if exceeds(shape, dtype.itemsize, MAX_TOTAL_BYTES):
+        raise InputError(path, f"member {name!r} declares an absurd shape {shape_text(shape)}")
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -228,9 +236,16 @@ def _prod(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _lazy(path: Path, member: _Member) -> LazyTensor:
+def _lazy(path: Path, member: _Member, checked: set[str]) -> LazyTensor:
+    """A lazy tensor of `member`, whose name joins `checked` once a load has verified its CRC-32."""
     dtype = member.dtype.newbyteorder("<") if member.dtype.itemsize > 1 else member.dtype
-    return LazyTensor(member.shape, dtype, lambda: _load(path, member))
+
+    def load() -> np.ndarray:
+        array = _load(path, member)
+        checked.add(member.name)
+        return array
+
+    return LazyTensor(member.shape, dtype, load)
 
 
 def _load(path: Path, member: _Member) -> np.ndarray:

@@ -6,7 +6,10 @@ functions and storage types become lazy descriptors, `argparse.Namespace` and
 omegaconf containers become inert records, numpy scalars become numbers, and
 every other global is refused by name before it can be called. Persistent ids
 must be torch's `('storage', type, key, location, numel)`. Storage bytes are read
-later, one tensor at a time, straight from the file at a checked offset.
+later, one tensor at a time, straight from the file at a checked offset; in the zip
+container each directory entry is checked against its local header first, and every
+byte read is added to its member's running CRC-32 (`zipcheck.RunningCrc`), the bytes no
+tensor reads by `Checkpoint.verify_unread`.
 
 Both containers are read: the zip format of torch >= 1.6 (`<name>/data.pkl`,
 `<name>/data/<key>`) and the legacy stream (magic number, protocol, sys_info,
@@ -32,7 +35,8 @@ import numpy as np
 
 from converters import memory
 from converters.errors import InputError, UnsafeInputError
-from converters.tensors import Checkpoint, LazyTensor
+from converters.readers import zipcheck
+from converters.tensors import Checkpoint, LazyTensor, exceeds, shape_text, shown
 
 MAX_PICKLE_BYTES = 256 * 2**20
 MAX_DEPTH = 200                 # nesting of containers in the unpickled object
@@ -591,17 +595,44 @@ def _read_zip(path: Path) -> Checkpoint:
             infos = archive.infolist()
             prefix = _zip_prefix(path, infos)
             _check_methods(path, infos)
+            members = zipcheck.member_spans(path, archive.fp.fileno(), infos, archive.start_dir)
             little = _byteorder(path, archive, prefix)
             pickled = _read_pickle(path, archive, prefix)
             obj, storages = _unpickle(path, io.BytesIO(pickled), False)
-            spans = {key: _zip_span(path, archive, f"{prefix}/data/{key}", storage)
+            crcs = {info.filename: zipcheck.RunningCrc(path, members[info.filename]) for info in infos
+                    if info.compress_type == zipfile.ZIP_STORED}
+            spans = {key: _zip_span(path, archive, f"{prefix}/data/{key}", storage, crcs)
                      for key, storage in _roots(storages).items()}
     except InputError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
             RuntimeError) as error:  # RuntimeError: zipfile's "encrypted, password required"
         raise InputError(path, f"truncated or not a zip archive ({_one_line(error)})") from None
-    return _checkpoint(path, "torch-zip", obj, spans, little, len(pickled))
+    checked_at_parse = {f"{prefix}/data.pkl"}  # read whole through zipfile, which checks its CRC-32
+    rest = [crc for name, crc in crcs.items() if name not in checked_at_parse]
+    compressed = [info for info in infos if info.compress_type != zipfile.ZIP_STORED
+                  and info.filename not in checked_at_parse]
+    return _checkpoint(path, "torch-zip", obj, spans, little, len(pickled),
+                       lambda: _verify_members(path, rest, compressed))
+
+
+def _verify_members(path: Path, crcs: list[zipcheck.RunningCrc], compressed: list[zipfile.ZipInfo]) -> None:
+    """Check the CRC-32 of every member byte no load has checked: the rest of each stored member
+    (storages of dropped tensors, bytes past every view), then each compressed member, streamed."""
+    for crc in crcs:
+        crc.finish()
+    if not compressed:
+        return
+    info = compressed[0]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in compressed:
+                with archive.open(info) as stream:
+                    while stream.read(2**20):
+                        pass
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError, RuntimeError,
+            zlib.error) as error:
+        raise InputError(path, f"member {info.filename!r}: truncated or corrupt ({_one_line(error)})") from None
 
 
 def _zip_prefix(path: Path, infos: list[zipfile.ZipInfo]) -> str:
@@ -695,8 +726,9 @@ def _roots(storages: dict[str, _Storage]) -> dict[str, _Storage]:
     return {s.root: s for s in storages.values() if s.root == s.key}
 
 
-def _zip_span(path: Path, archive: zipfile.ZipFile, name: str, storage: _Storage) -> tuple[int, int]:
-    """(file offset, byte length) of a storage member, after checking it against its declaration."""
+def _zip_span(path: Path, archive: zipfile.ZipFile, name: str, storage: _Storage,
+              crcs: dict[str, zipcheck.RunningCrc]) -> "_StorageBytes":
+    """How to read a storage member, after checking it against its declaration."""
     try:
         info = archive.getinfo(name)
     except KeyError:
@@ -707,7 +739,40 @@ def _zip_span(path: Path, archive: zipfile.ZipFile, name: str, storage: _Storage
     if info.file_size != expected:
         raise InputError(path, f"storage {storage.key!r} holds {info.file_size} bytes, "
                                f"declared {storage.numel} x {storage.dtype} = {expected}")
-    return _data_offset(path, archive, info, info.file_size), info.file_size
+    return _MemberBytes(path, crcs[name])
+
+
+class _StorageBytes:
+    """Reads bytes of one storage, by offset from its first byte."""
+
+    def read(self, first: int, nbytes: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _MemberBytes(_StorageBytes):
+    """A zip member's bytes, mapped from its first byte, each new byte added to its running CRC-32."""
+
+    path: Path
+    crc: zipcheck.RunningCrc
+
+    def read(self, first: int, nbytes: int) -> np.ndarray:
+        if not nbytes:
+            return np.empty(0, np.uint8)
+        mapped = zipcheck.map_member(self.path, self.crc.span, first + nbytes)
+        self.crc.cover(mapped)
+        return mapped[first:]
+
+
+@dataclass(frozen=True)
+class _StreamBytes(_StorageBytes):
+    """A legacy storage's bytes, from `start` in the file (the legacy stream has no checksum)."""
+
+    path: Path
+    start: int
+
+    def read(self, first: int, nbytes: int) -> np.ndarray:
+        return _read_span(self.path, self.start + first, nbytes)
 
 
 def _data_offset(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, stored: int) -> int:
@@ -751,7 +816,7 @@ def _legacy_preamble(path: Path, reader: _BoundedReader) -> bool:
     return info.get("little_endian", True)
 
 
-def _legacy_spans(path: Path, file: Any, keys: Any, roots: dict[str, _Storage]) -> dict[str, tuple[int, int]]:
+def _legacy_spans(path: Path, file: Any, keys: Any, roots: dict[str, _Storage]) -> dict[str, _StorageBytes]:
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
         raise InputError(path, "malformed legacy storage key list")
     missing = sorted(set(roots) - set(keys))
@@ -765,7 +830,7 @@ def _legacy_spans(path: Path, file: Any, keys: Any, roots: dict[str, _Storage]) 
     return spans
 
 
-def _legacy_span(path: Path, file: Any, storage: _Storage, size: int) -> tuple[int, int]:
+def _legacy_span(path: Path, file: Any, storage: _Storage, size: int) -> _StorageBytes:
     raw = file.read(8)
     if len(raw) != 8:
         raise InputError(path, f"storage {storage.key!r} is truncated")
@@ -777,20 +842,20 @@ def _legacy_span(path: Path, file: Any, storage: _Storage, size: int) -> tuple[i
     if start + nbytes > size:
         raise InputError(path, f"storage {storage.key!r} is truncated")
     file.seek(start + nbytes)
-    return start, nbytes
+    return _StreamBytes(path, start)
 
 
 # ---------------------------------------------------------------- flattening
 
 
-def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, tuple[int, int]],
-                little: bool, pickle_bytes: int) -> Checkpoint:
+def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, _StorageBytes], little: bool,
+                pickle_bytes: int, verify_unread: Callable[[], None] = lambda: None) -> Checkpoint:
     flat = _Flattener(path, pickle_bytes)
     content = flat.plain(obj, "", 0)
     tensors, source_dtypes = {}, {}
-    expanded = 0
+    expanded, limit = 0, max(path.stat().st_size, MAX_EXPANDED_BYTES)
     for name, ref in flat.tensors.items():
-        _check_bounds(path, name, ref)
+        _check_bounds(path, name, ref, limit)
         expanded += _check_expansion(path, name, ref, expanded)
         tensors[name] = _lazy(path, ref, spans[ref.storage.root], little)
         if ref.dtype == "bfloat16":
@@ -799,7 +864,7 @@ def _checkpoint(path: Path, fmt: str, obj: Any, spans: dict[str, tuple[int, int]
     if "source_dtypes" in meta:
         meta["content.source_dtypes"] = meta.pop("source_dtypes")
     meta["source_dtypes"] = source_dtypes
-    return Checkpoint(path, fmt, tensors, meta)
+    return Checkpoint(path, fmt, tensors, meta, verify_unread)
 
 
 class _Flattener:
@@ -889,8 +954,17 @@ def _unwrap(path: Path, record: _Record, name: str) -> Any:
     return state.get("_val") if isinstance(record, _Node) else state.get("_content")
 
 
-def _check_bounds(path: Path, name: str, ref: _TensorRef) -> None:
+def _check_bounds(path: Path, name: str, ref: _TensorRef, limit: int) -> None:
+    """The tensor must lie inside its storage; sizes, strides and offset must be int64s before any
+    of them is multiplied or formatted, and a zero-size tensor's other dimensions may not declare
+    more than `limit` bytes (a zero does not switch the check off)."""
     storage, itemsize = ref.storage, _ITEMSIZE[ref.dtype]
+    if any(v >= 2**63 for v in (*ref.shape, *ref.stride, ref.offset)):
+        raise InputError(path, f"tensor {name!r} declares shape {shape_text(ref.shape)}, stride "
+                               f"{shape_text(ref.stride)}, offset {shown(ref.offset)}: past torch's int64")
+    if not _prod(ref.shape) and exceeds(ref.shape, itemsize, limit):
+        raise InputError(path, f"tensor {name!r} declares shape {shape_text(ref.shape)}, past what the "
+                               "file could hold (a zero dimension counted as one)")
     capacity = storage.numel * _ITEMSIZE[storage.dtype] // itemsize
     if _prod(ref.shape) and ref.offset + _span(ref) > capacity:
         raise InputError(path, f"tensor {name!r} ({ref.dtype}{list(ref.shape)}, offset "
@@ -921,17 +995,17 @@ def _span(ref: _TensorRef) -> int:
 # ---------------------------------------------------------------- loading
 
 
-def _lazy(path: Path, ref: _TensorRef, span: tuple[int, int], little: bool) -> LazyTensor:
+def _lazy(path: Path, ref: _TensorRef, storage: _StorageBytes, little: bool) -> LazyTensor:
     dtype = np.dtype("float32" if ref.dtype == "bfloat16" else ref.dtype)
-    return LazyTensor(ref.shape, dtype, lambda: _load(path, ref, span, little))
+    return LazyTensor(ref.shape, dtype, lambda: _load(ref, storage, little))
 
 
-def _load(path: Path, ref: _TensorRef, span: tuple[int, int], little: bool) -> np.ndarray:
+def _load(ref: _TensorRef, storage: _StorageBytes, little: bool) -> np.ndarray:
     """Read only the bytes the tensor touches, then lay them out C-contiguously."""
     itemsize = _ITEMSIZE[ref.dtype]
     first = ref.storage.elem_offset * _ITEMSIZE[ref.storage.dtype] + ref.offset * itemsize
     count = _span(ref)
-    raw = _read_span(path, span[0] + first, count * itemsize)
+    raw = storage.read(first, count * itemsize)
     storage_dtype = np.dtype("uint16" if ref.dtype == "bfloat16" else ref.dtype)
     flat = raw.view(storage_dtype.newbyteorder("<" if little else ">"))
     if _is_contiguous(ref) or not count:
