@@ -232,7 +232,7 @@ def d2v2_state_dict(config: Any, seed: int, finetuned: bool = True,
     if c.layer_norm_first:
         shapes += [("norm.weight", (d,)), ("norm.bias", (d,))]
     body = _materialise(shapes, seed)
-    positions = torch.from_numpy(sincos_positions(d, grid)).half().float()  # fp16-trained, as stored
+    positions = torch.from_numpy(sincos_positions(d, grid)[0]).half().float()[None]  # fp16-trained, as stored
     sd: dict[str, Any] = {enc + "extra_tokens": body.pop(enc + "extra_tokens"),
                           enc + "fixed_positional_encoder.positions": positions, **body}
     if leftovers:
