@@ -18,21 +18,21 @@ files that have the published structure with random (but realistic) values:
   the variable names carry the `resnet/` scope depends on how the saving script
   built the model (see `SCOPES`); Keras itself loads by position only.
 
-Only numpy and h5py are used, so this module is an independent statement of
-the layout (it does not share code with the reference models it checks).
+Only numpy and h5py are used; the names, shapes and `.h5` order come from the
+one statement of BiT's layout, `converters/families/bit.py`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from typing import Mapping
 
 import h5py
 import numpy as np
 
-PREFIX = "resnet/"
-DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}  # units per block
+# DEPTHS is re-exported: the writers of published variants take it from here with bit_arrays
+from converters.families.bit import DEPTHS, PREFIX, UNIT, BitSpec, npz_shapes, tree_name, unit_weights  # noqa: F401
+
 # The smallest layout the tests convert end to end: two units in block1 (a unit without a
 # projection), GroupNorm(32)-compatible widths, a 10-way head.
 TINY_BIT = dict(depths=(2, 1, 1, 1), root_width=32, num_classes=10)
@@ -42,37 +42,6 @@ TINY_BIT = dict(depths=(2, 1, 1, 1), root_width=32, num_classes=10)
 # outside the model's own name scope and the names start at the layer (`root_block/...`).
 SCOPES = {"call": PREFIX, "build": ""}
 KERAS_VERSION = "2.3.0-tf"  # tf.keras in TensorFlow 2.2.0
-_UNIT = re.compile(r"^block(\d+)/unit(\d+)/")
-_NUMBERED = re.compile(r"/standardized_conv2d_\d+/")
-
-
-def _unit_shapes(cin: int, mid: int, out: int, first: bool) -> dict[str, tuple[int, ...]]:
-    """One unit's names (relative to `block{b}/unit{u:02d}/`) and shapes, `a/proj` last."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for part, c, kernel in (("a", cin, (1, 1, cin, mid)), ("b", mid, (3, 3, mid, mid)),
-                            ("c", mid, (1, 1, mid, out))):
-        shapes[f"{part}/group_norm/gamma"] = (c,)
-        shapes[f"{part}/group_norm/beta"] = (c,)
-        shapes[f"{part}/standardized_conv2d/kernel"] = kernel
-    if first:  # the projection shortcut exists only in unit01 of each block
-        shapes["a/proj/standardized_conv2d/kernel"] = (1, 1, cin, out)
-    return shapes
-
-
-def bit_shapes(depths: tuple[int, ...] = DEPTHS[50], root_width: int = 64,
-               num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
-    """Every npz name (with `resnet/`) and its shape; block b is `root_width*2**(b-1)` wide inside, 4x out."""
-    shapes = {"root_block/standardized_conv2d/kernel": (7, 7, 3, root_width)}
-    cin = root_width
-    for b, n in enumerate(depths, 1):
-        mid = root_width * 2 ** (b - 1)
-        for u in range(1, n + 1):
-            unit = _unit_shapes(cin, mid, 4 * mid, u == 1)
-            shapes |= {f"block{b}/unit{u:02d}/{k}": s for k, s in unit.items()}
-            cin = 4 * mid
-    shapes |= {"group_norm/gamma": (cin,), "group_norm/beta": (cin,),
-               "head/conv2d/kernel": (1, 1, cin, num_classes), "head/conv2d/bias": (num_classes,)}
-    return {PREFIX + k: s for k, s in shapes.items()}
 
 
 def _random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -110,7 +79,7 @@ def bit_arrays(depths: tuple[int, ...] = DEPTHS[50], width: int = 1, num_classes
     scopes to `standardized_conv2d_N`, a spelling some published files use.
     """
     rng = np.random.default_rng(seed)
-    shapes = bit_shapes(tuple(depths), root_width or 64 * width, num_classes)
+    shapes = npz_shapes(BitSpec(tuple(depths), root_width or 64 * width, num_classes))
     arrays = {k: _random_value(k, s, rng).astype(np.float32) for k, s in shapes.items()}
     if numbered_convs:
         renames = _numbered(list(arrays))
@@ -129,10 +98,6 @@ def write_bit_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> 
 # ---------------------------------------------------------------------------
 
 
-def _canonical(name: str) -> str:
-    return _NUMBERED.sub("/standardized_conv2d/", name.removeprefix(PREFIX))
-
-
 def keras_layers(arrays: Mapping[str, np.ndarray], scope: str = PREFIX,
                  ) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
     """The TF2 Keras layers of a BiT and their `(weight name, array)` in saved order.
@@ -142,15 +107,11 @@ def keras_layers(arrays: Mapping[str, np.ndarray], scope: str = PREFIX,
     `b` conv, `c` GN, `c` conv, then `a/proj` (built last). Weight names are the
     Keras variable names, `scope` + npz name + `:0`; the Dense head kernel is (C, K).
     """
-    canon = {_canonical(k): np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
-    units: dict[int, int] = {}
-    for name in canon:
-        if match := _UNIT.match(name):
-            units[int(match[1])] = max(units.get(int(match[1]), 0), int(match[2]))
+    canon = {tree_name(k): np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
     layers = [("root_block", ["root_block/standardized_conv2d/kernel"])]
-    for b in sorted(units):
-        names = [f"block{b}/unit{u:02d}/{k}" for u in range(1, units[b] + 1)
-                 for k in _unit_shapes(1, 1, 1, u == 1)]
+    for b in range(1, 5):
+        count = len({name.split("/")[1] for name in canon if name.startswith(f"block{b}/")})
+        names = [f"{UNIT.format(b=b, u=u)}/{k}" for u in range(1, count + 1) for k in unit_weights(u == 1)]
         layers.append((f"block{b}", names))
     layers.append(("group_norm", ["group_norm/gamma", "group_norm/beta"]))
     head = [(f"{scope}head/dense/kernel:0", canon["head/conv2d/kernel"][0, 0]),  # (1,1,C,K) -> (C,K)

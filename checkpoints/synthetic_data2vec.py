@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from reference.mae_positions import sincos_positions
+
 Shapes = list[tuple[str, tuple[int, ...]]]
 
 
@@ -189,17 +191,6 @@ def write_d2v1_deepspeed(path: str | Path, sd: dict[str, torch.Tensor]) -> Path:
 # ----------------------------------------------------------------------------- data2vec 2.0
 
 
-def _sincos(dim: int, grid: int) -> np.ndarray:
-    """MAE get_2d_sincos_pos_embed (float64 like numpy's np.float): first half column, second row."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
-    halves = []
-    for pos in (cols, rows):
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        halves.append(np.concatenate([np.sin(out), np.cos(out)], axis=1))
-    return np.concatenate(halves, axis=1)
-
-
 def _d2v2_block(p: str, c: Any) -> Shapes:
     d, h = c.dim, c.mlp_hidden
     return [(p + "norm1.weight", (d,)), (p + "norm1.bias", (d,)),
@@ -241,7 +232,7 @@ def d2v2_state_dict(config: Any, seed: int, finetuned: bool = True,
     if c.layer_norm_first:
         shapes += [("norm.weight", (d,)), ("norm.bias", (d,))]
     body = _materialise(shapes, seed)
-    positions = torch.from_numpy(_sincos(d, grid)).float().half().float()[None]
+    positions = torch.from_numpy(sincos_positions(d, grid)[0]).half().float()[None]  # fp16-trained, as stored
     sd: dict[str, Any] = {enc + "extra_tokens": body.pop(enc + "extra_tokens"),
                           enc + "fixed_positional_encoder.positions": positions, **body}
     if leftovers:

@@ -9,40 +9,19 @@ block, width, classes) is read from the shapes; no flag is needed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
 from converters.errors import InputError
+from converters.families.bit import (GROUPS, NUMBERED_CONV, PREFIX, ROOT_KERNEL, BitSpec, infer_spec,
+                                     target_shapes, unit_weights)
 from converters.family import Conversion
 from converters.rules import Compose, Rename, Reshape, Rule, Transpose, apply_rules
-from converters.shapes import MAX_CLASSES, bit_shapes
-from converters.tensors import Checkpoint, LazyTensor, plausible_dims
+from converters.tensors import Checkpoint, LazyTensor
 
 HWIO_TO_OIHW = Transpose((3, 2, 0, 1))
-GROUPS = 32  # GroupNorm(32) everywhere in BiT
-UNIT = "resnet/block{b}/unit{u:02d}"
+UNIT = PREFIX + "block{b}/unit{u:02d}"
 LAYER = "bit.encoder.stages.{b-1}.layers.{u-1}"
-ROOT_KERNEL = "resnet/root_block/standardized_conv2d/kernel"
-MAX_WIDTH = 2**16  # channels (and kernel sides); the widest published BiT, R152x4, has 8192
-HEAD_BIAS = "resnet/head/conv2d/bias"
-
-
-@dataclass(frozen=True)
-class BitSpec:
-    """The variant, as read from the shapes."""
-
-    depths: tuple[int, ...]          # units per block, e.g. (3, 4, 6, 3)
-    embedding_size: int              # root width, 64 * width factor
-    hidden_sizes: tuple[int, ...]    # block output widths, 256/512/1024/2048 * width factor
-    num_classes: int
-    head: str                        # "conv2d" (npz) or "dense" (h5)
-
-    @property
-    def name(self) -> str:
-        layers = 3 * sum(self.depths) + 2
-        factor = self.embedding_size / 64
-        return f"R{layers}x{factor:g}"
 
 
 def is_bit(checkpoint: Checkpoint) -> bool:
@@ -57,8 +36,6 @@ def is_bit(checkpoint: Checkpoint) -> bool:
 # ---------------------------------------------------------------------------
 # Source names: npz spelling quirk, and h5 positions → npz names
 
-_NUMBERED_CONV = re.compile(r"/standardized_conv2d_\d+/")
-
 
 def normalise_npz_names(tensors: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor], int]:
     """Rewrite `/standardized_conv2d_N/` to `/standardized_conv2d/`, as big_vision does for
@@ -66,25 +43,12 @@ def normalise_npz_names(tensors: dict[str, LazyTensor]) -> tuple[dict[str, LazyT
     out: dict[str, LazyTensor] = {}
     renamed = 0
     for key, tensor in tensors.items():
-        new = _NUMBERED_CONV.sub("/standardized_conv2d/", key)
+        new = NUMBERED_CONV.sub("/standardized_conv2d/", key)
         renamed += new != key
         if new in out:
             raise InputError(None, f"{key} and another key both normalise to {new}")
         out[new] = tensor
     return out, renamed
-
-
-def _unit_names(b: int, u: int, proj: bool) -> list[str]:
-    """The h5 order inside one unit: a, b, c (gamma, beta, kernel), then the projection LAST.
-
-    bit_tf2/models.py `BottleneckV2Unit` assigns `_unit_a`, `_unit_a_conv`, `_unit_b`,
-    `_unit_c` in `__init__` and `_proj` only in `build()`, and Keras lists a layer's
-    weights in the order its sub-layers were assigned.
-    """
-    prefix = f"resnet/block{b}/unit{u:02d}"
-    names = [f"{prefix}/{part}/{leaf}" for part in "abc"
-             for leaf in ("group_norm/gamma", "group_norm/beta", "standardized_conv2d/kernel")]
-    return names + ([f"{prefix}/a/proj/standardized_conv2d/kernel"] if proj else [])
 
 
 def _h5_layer_names(layer: str, count: int) -> list[str]:
@@ -100,7 +64,8 @@ def _h5_layer_names(layer: str, count: int) -> list[str]:
     if block is None or (count - 1) % 9:
         raise InputError(None, f"unexpected h5 layer {layer!r} with {count} weights")
     units = (count - 1) // 9
-    return [n for u in range(1, units + 1) for n in _unit_names(int(block.group(1)), u, u == 1)]
+    b = int(block.group(1))
+    return [f"{UNIT.format(b=b, u=u)}/{name}" for u in range(1, units + 1) for name in unit_weights(u == 1)]
 
 
 # A stored name that spells a full BiT path (TF 2.2 writes `resnet/block1/unit01/a/...:0` when
@@ -134,56 +99,12 @@ def name_h5_positions(checkpoint: Checkpoint) -> dict[str, LazyTensor]:
         owner.update(dict.fromkeys(names, layer))
         for index, (name, weight) in enumerate(zip(names, weights)):
             stored = _FULL_H5_NAME.fullmatch(weight)
-            if stored and _NUMBERED_CONV.sub("/standardized_conv2d/", stored.group(1)) != \
+            if stored and NUMBERED_CONV.sub("/standardized_conv2d/", stored.group(1)) != \
                     name.removeprefix("resnet/"):
                 raise InputError(checkpoint.path, f"h5 layer {layer!r} stores {weight!r} at position "
                                                   f"{index}, where Keras' order puts {name!r}")
             out[name] = checkpoint.tensors[f"{layer}/{weight}"]
     return out
-
-
-# ---------------------------------------------------------------------------
-# Variant from shapes
-
-def _shape(tensors: dict[str, LazyTensor], key: str) -> tuple[int, ...]:
-    if key not in tensors:
-        raise InputError(None, f"missing keys: {key}")
-    return tensors[key].shape
-
-
-def infer_spec(tensors: dict[str, LazyTensor]) -> BitSpec:
-    """Units per block, widths and classes from the kernel and head shapes."""
-    blocks = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"resnet/block(\d+)/", k))})
-    if blocks != [1, 2, 3, 4]:
-        raise InputError(None, f"expected blocks 1-4 under resnet/, found {blocks}")
-    depths = tuple(len({k.split("/")[2] for k in tensors if k.startswith(f"resnet/block{b}/unit")})
-                   for b in blocks)
-    hidden = tuple(_kernel_width(tensors, f"resnet/block{b}/unit01/c/standardized_conv2d/kernel") for b in blocks)
-    head = "dense" if "resnet/head/dense/bias" in tensors else "conv2d"
-    bias = f"resnet/head/{head}/bias"
-    spec = BitSpec(depths, _kernel_width(tensors, ROOT_KERNEL), hidden,
-                   plausible_dims(bias, _shape(tensors, bias), 1, MAX_CLASSES)[0], head)
-    _check_consistent(tensors, spec)
-    return spec
-
-
-def _kernel_width(tensors: dict[str, LazyTensor], key: str) -> int:
-    """The output channels of an HWIO kernel, every dimension checked as data first."""
-    return plausible_dims(key, _shape(tensors, key), 4, MAX_WIDTH)[3]
-
-
-def _check_consistent(tensors: dict[str, LazyTensor], spec: BitSpec) -> None:
-    """The root width must feed block1 (the known broken BiT-S .h5 files fail here)."""
-    gamma = "resnet/block1/unit01/a/group_norm/gamma"
-    first = plausible_dims(gamma, _shape(tensors, gamma), 1, MAX_WIDTH)[0]
-    if first != spec.embedding_size:
-        raise InputError(None, f"root kernel has {spec.embedding_size} output channels but "
-                               f"block1/unit01 expects {first}: inconsistent file (the published "
-                               f"BiT-S-R50x3.h5 and BiT-S-R101x1.h5 are broken this way; use the .npz)")
-    widths = (spec.embedding_size, *spec.hidden_sizes, *(w // 4 for w in spec.hidden_sizes))
-    odd = sorted({w for w in widths if w % GROUPS})
-    if odd:
-        raise InputError(None, f"widths {odd} are not divisible by {GROUPS} GroupNorm groups")
 
 
 # ---------------------------------------------------------------------------
@@ -260,11 +181,11 @@ def convert(checkpoint: Checkpoint) -> Conversion:
         if renamed:
             notes.append(f"{renamed} keys spelled standardized_conv2d_N were normalised.")
     try:
-        spec = infer_spec(tensors)
+        spec = infer_spec({key: tensor.shape for key, tensor in tensors.items()})
     except InputError as e:
         raise InputError(checkpoint.path, e.problem) from None
     config = hf_config(spec, imagenet_id2label(spec.num_classes))
-    expected = bit_shapes(config)  # == BitForImageClassification's state dict (tests/test_shapes.py)
+    expected = target_shapes(config)  # == BitForImageClassification's state dict (tests/test_shapes.py)
     mapped = apply_rules(tensors, bit_rules(spec), expected, path=str(checkpoint.path))
     notes.append("Weight standardization: the original uses eps 1e-10 inside the sqrt; "
                  "transformers' WeightStandardizedConv2d uses 1e-8 (measured effect in the parity table).")

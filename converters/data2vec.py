@@ -31,9 +31,10 @@ import numpy as np
 
 from converters.errors import InputError
 from converters.family import Conversion
-from converters.rules import Broadcast, Drop, Rename, Rule, SplitRows, apply_rules
+from converters.rules import Broadcast, Drop, Rename, Rule, SplitRows, apply_rules, count_indexed
 from converters.shapes import MAX_CLASSES, data2vec2_vision_shapes, data2vec_vision_shapes
 from converters.tensors import Checkpoint, LazyTensor, plausible_dims, shape_text, shown
+from reference.beit_positions import table_window
 
 CROP_PCT = 0.875  # both originals: resize the shorter side to int(crop / 0.875), centre-crop `crop`
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # data2vec 1.0 fine-tuning (no --imagenet_default_mean_and_std)
@@ -110,12 +111,6 @@ def _conv_shape(tensors: Mapping[str, LazyTensor], key: str) -> tuple[int, ...]:
     if len(shape) != 4:
         raise InputError(None, f"{key} has shape {shape_text(shape)}; expected [dim, channels, patch, patch]")
     return plausible_dims(key, shape, 4, MAX_WIDTH)
-
-
-def _count(tensors: Mapping[str, LazyTensor], prefix: str) -> int:
-    """1 + the largest N of keys `<prefix>N.…` (0 when there are none)."""
-    ids = {int(m.group(1)) for k in tensors if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
-    return 1 + max(ids) if ids else 0
 
 
 def _pair(source: str, target: str) -> list[Rename]:
@@ -232,10 +227,10 @@ def _d2v1_prefix(tensors: Mapping[str, LazyTensor]) -> str:
 
 def _d2v1_window(rows: int, key: str) -> int:
     """Window side W from a relative position table of (2W-1)^2 + 3 rows, at most `MAX_GRID`."""
-    side = int(round(max(rows - 3, 0) ** 0.5))
-    if side * side != rows - 3 or side % 2 == 0:
+    window = table_window(rows)
+    if window is None:
         raise InputError(None, f"{key}: {rows} rows is not a (2W-1)^2+3 relative position table")
-    return _check_grid((side + 1) // 2, key)
+    return _check_grid(window, key)
 
 
 def infer_d2v1(tensors: Mapping[str, LazyTensor]) -> D2V1Spec:
@@ -252,7 +247,7 @@ def infer_d2v1(tensors: Mapping[str, LazyTensor]) -> D2V1Spec:
     conv = _conv_shape(tensors, f"{p}patch_embed.proj.weight")
     dim = _dims(tensors, f"{p}cls_token", 3)[-1]
     return D2V1Spec(
-        prefix=p, dim=dim, depth=_count(tensors, f"{p}blocks."), heads=_check_heads(heads, dim, table),
+        prefix=p, dim=dim, depth=count_indexed(tensors, f"{p}blocks."), heads=_check_heads(heads, dim, table),
         mlp_hidden=_dims(tensors, f"{p}blocks.0.mlp.fc1.weight", 2)[0], patch=conv[-1],
         image=_d2v1_window(rows, table) * conv[-1], in_chans=conv[1],
         num_classes=_dims(tensors, f"{p}head.weight", 2, MAX_CLASSES)[0] if f"{p}head.weight" in tensors else 0,
@@ -515,8 +510,8 @@ def infer_d2v2(tensors: Mapping[str, LazyTensor], meta: Mapping[str, Any], notes
                       e + "fixed_positional_encoder.positions")
     model, backbone = _cfg_models(meta)
     spec = D2V2Spec(
-        backbone=b, dim=conv[0], prenet_depth=_count(tensors, e + "context_encoder.blocks."),
-        depth=_count(tensors, b + "blocks."), heads=_d2v2_heads(backbone, conv[0], notes),
+        backbone=b, dim=conv[0], prenet_depth=count_indexed(tensors, e + "context_encoder.blocks."),
+        depth=count_indexed(tensors, b + "blocks."), heads=_d2v2_heads(backbone, conv[0], notes),
         mlp_hidden=_dims(tensors, b + "blocks.0.mlp.fc1.weight", 2)[0], patch=conv[-1],
         image=grid * conv[-1], in_chans=conv[1],
         num_classes=_dims(tensors, f"{D2V2_HEAD}head.weight", 2, MAX_CLASSES)[0] if finetuned else 0,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -427,3 +427,10 @@ def _source_name(rules: Sequence[Rule], target: str) -> str:
 def some_names(keys: Sequence[str], n: int = 3) -> str:
     """The first `n` of `keys`, each shown escaped, and how many more there are: "a, b, c (+2 more)"."""
     return shown_list(keys, n)
+
+
+def count_indexed(keys: Iterable[str], prefix: str) -> int:
+    """1 + the largest N of keys `<prefix>N.…` (0 when there are none): a depth read off the names."""
+    ids = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return 1 + max(ids) if ids else 0
+

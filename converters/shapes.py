@@ -20,46 +20,6 @@ MAX_CLASSES = 2**17
 
 
 # ---------------------------------------------------------------------------
-# BiT: transformers `BitForImageClassification`, layer_type "preactivation"
-
-def _make_div(value: float, divisor: int = 8) -> int:
-    """transformers' `bit.make_div`: round to a multiple of 8, never more than 10% down."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-def _bit_unit(prefix: str, cin: int, cout: int, stride: int) -> Shapes:
-    mid = _make_div(cout * 0.25)  # bottle_ratio 0.25
-    shapes: Shapes = {}
-    if cin != cout or stride != 1:
-        shapes[f"{prefix}.downsample.conv.weight"] = (cout, cin, 1, 1)
-    for n, (i, o, k) in enumerate(((cin, mid, 1), (mid, mid, 3), (mid, cout, 1)), start=1):
-        shapes[f"{prefix}.norm{n}.weight"] = (i,)
-        shapes[f"{prefix}.norm{n}.bias"] = (i,)
-        shapes[f"{prefix}.conv{n}.weight"] = (o, i, k, k)
-    return shapes
-
-
-def bit_shapes(config: Mapping[str, Any]) -> Shapes:
-    """State-dict shapes of `BitForImageClassification(BitConfig(**config))` (pre-activation BiT)."""
-    if config["layer_type"] != "preactivation" or config.get("output_stride", 32) != 32:
-        raise ValueError("bit_shapes covers pre-activation BiT with output stride 32 only")
-    cin = config["embedding_size"]
-    shapes: Shapes = {"bit.embedder.convolution.weight": (cin, config["num_channels"], 7, 7)}
-    for s, (depth, cout) in enumerate(zip(config["depths"], config["hidden_sizes"])):
-        for u in range(depth):
-            stride = 2 if s > 0 and u == 0 else 1
-            shapes.update(_bit_unit(f"bit.encoder.stages.{s}.layers.{u}", cin, cout, stride))
-            cin = cout
-    shapes["bit.norm.weight"] = shapes["bit.norm.bias"] = (cin,)
-    classes = len(config["id2label"])
-    if classes:
-        shapes["classifier.1.weight"] = (classes, cin)
-        shapes["classifier.1.bias"] = (classes,)
-    return shapes
-
-
-# ---------------------------------------------------------------------------
 # data2vec 1.0 vision: transformers `Data2VecVisionModel` / `Data2VecVisionForImageClassification`
 
 _D2V_ASSUMED = {"use_mask_token": False, "use_absolute_position_embeddings": False,

@@ -14,16 +14,12 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from converters.families.bit import spec_from_arrays, tap_modules, tap_names
 from converters.tensors import Checkpoint
 from parity.capture import capture
 from parity.engine import Side
 
 MEAN = STD = (0.5, 0.5, 0.5)  # BiT pixels are in [-1, 1]
-
-
-def tap_names(depths: tuple[int, ...]) -> list[str]:
-    units = [f"block{b}.unit{u:02d}" for b, n in enumerate(depths, 1) for u in range(1, n + 1)]
-    return ["stem", *units, "norm", "pre_logits", "logits"]
 
 
 def _nchw(taps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -39,7 +35,7 @@ def flax_source(arrays: Mapping[str, np.ndarray]) -> Side:
 
     model, params = from_npz(arrays)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x)[1])
-    order = tap_names(model.config.depths)  # jit returns dicts with sorted keys: restore forward order
+    order = tap_names(model.config)  # jit returns dicts with sorted keys: restore forward order
 
     def run(x: np.ndarray) -> dict[str, np.ndarray]:
         taps = apply(params, x.transpose(0, 2, 3, 1))
@@ -56,9 +52,8 @@ def tf_peer(checkpoint: Checkpoint, arrays: Mapping[str, np.ndarray]) -> Side:
     names) only give the variant, and every shape is checked on assignment.
     """
     from reference import bit_tf
-    from reference.bit_torch import config_from_arrays
 
-    model = bit_tf.BiTTF(config_from_arrays(arrays))
+    model = bit_tf.BiTTF(spec_from_arrays(arrays))
     model.assign_keras_order([checkpoint.tensors[f"{layer}/{weight}"].load()
                               for layer, weights in checkpoint.meta["order"] for weight in weights])
 
@@ -66,13 +61,6 @@ def tf_peer(checkpoint: Checkpoint, arrays: Mapping[str, np.ndarray]) -> Side:
         return _nchw({k: v.numpy() for k, v in model(x.transpose(0, 2, 3, 1))[1].items()})
 
     return Side("tensorflow reference (h5 weights by position)", "peer", run)
-
-
-def _hf_tap_modules(depths: tuple[int, ...]) -> dict[str, str]:
-    units = {f"block{b}.unit{u:02d}": f"bit.encoder.stages.{b - 1}.layers.{u - 1}"
-             for b, n in enumerate(depths, 1) for u in range(1, n + 1)}
-    return {"stem": "bit.embedder", **units, "norm": "bit.norm", "pre_logits": "bit.pooler",
-            "logits": "classifier"}
 
 
 def torch_side(model: torch.nn.Module, taps: dict[str, str], name: str, role: str) -> Side:
@@ -87,7 +75,7 @@ def transformers_target(folder: Path) -> Side:
     from transformers import AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32)
-    return torch_side(model, _hf_tap_modules(tuple(model.config.depths)),
+    return torch_side(model, tap_modules("transformers", model.config.depths),
                       "transformers BitForImageClassification", "target")
 
 
@@ -102,7 +90,4 @@ def timm_peer(npz_path: Path, depths: tuple[int, ...], root_width: int,
                      conv_layer=partial(StdConv2d, eps=1e-8),  # timm's BiT models use 1e-8
                      norm_layer=partial(GroupNormAct, num_groups=32))
     model.load_pretrained(str(npz_path))
-    units = {f"block{b}.unit{u:02d}": f"stages.{b - 1}.blocks.{u - 1}"
-             for b, n in enumerate(depths, 1) for u in range(1, n + 1)}
-    taps = {"stem": "stem", **units, "norm": "norm", "pre_logits": "head.global_pool", "logits": "head"}
-    return torch_side(model, taps, "timm ResNetV2 (timm's npz loader)", "peer")
+    return torch_side(model, tap_modules("timm", depths), "timm ResNetV2 (timm's npz loader)", "peer")

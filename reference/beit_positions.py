@@ -1,4 +1,4 @@
-"""BEiT's relative position index, shared by every data2vec 1.0 reference (numpy only).
+"""BEiT's relative position geometry, shared by the data2vec 1.0 converter and references (numpy only).
 
 The index is derived, never stored by us: models rebuild it and converters check a
 stored copy against it before dropping it.
@@ -6,7 +6,16 @@ stored copy against it before dropping it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+
+def table_window(rows: int) -> int | None:
+    """Window side W of a square relative position table of (2W-1)^2 + 3 rows (the 3: cls→tok,
+    tok→cls, cls→cls), or None when no W gives that many rows."""
+    side = math.isqrt(rows - 3) if rows >= 3 else 0
+    return (side + 1) // 2 if side * side == rows - 3 and side % 2 else None
 
 
 def relative_position_index(window: tuple[int, int]) -> np.ndarray:

@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from reference.bit_torch import (BLOCK_STRIDES, GROUPS, BiTConfig, canonical_name,
-                                 config_from_arrays)
+from converters.families.bit import BLOCK_STRIDES, GROUPS, UNIT_TAP, BitSpec, spec_from_arrays, tree_name
 
-__all__ = ["BiT", "BiTConfig", "config_from_arrays", "params_from_npz", "from_npz",
+__all__ = ["BiT", "BitSpec", "spec_from_arrays", "params_from_npz", "from_npz",
            "standardize_weight", "max_pool_zero_padded"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -218,7 +217,7 @@ class BiT(nn.Module):
     output), `norm` (ReLU(GN) map before pooling), `pre_logits` (N, C), `logits`.
     """
 
-    config: BiTConfig
+    config: BitSpec
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -227,7 +226,7 @@ class BiT(nn.Module):
         x = taps["stem"]
         for b, (n, stride) in enumerate(zip(cfg.depths, BLOCK_STRIDES), 1):
             x, outputs = Block(n, cfg.mid(b), cfg.out(b), stride, name=f"block{b}")(x)
-            taps |= {f"block{b}.unit{u:02d}": y for u, y in enumerate(outputs, 1)}
+            taps |= {UNIT_TAP.format(b=b, u=u): y for u, y in enumerate(outputs, 1)}
         taps["norm"] = nn.relu(GroupNorm(name="group_norm")(x))  # N, h, w, C
         taps["pre_logits"] = jnp.mean(taps["norm"], axis=(1, 2))  # N, C
         taps["logits"] = Head(cfg.num_classes, name="head")(taps["pre_logits"])  # N, K
@@ -247,7 +246,7 @@ def params_from_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """
     params: dict[str, Any] = {}
     for name, array in arrays.items():
-        *scopes, leaf = canonical_name(name).split("/")
+        *scopes, leaf = tree_name(name).split("/")
         node = params
         for scope in scopes:
             node = node.setdefault(scope, {})
@@ -257,4 +256,4 @@ def params_from_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def from_npz(arrays: Mapping[str, np.ndarray]) -> tuple[BiT, dict[str, Any]]:
     """The model for the arrays' inferred config and its params, ready for `model.apply`."""
-    return BiT(config_from_arrays(arrays)), params_from_npz(arrays)
+    return BiT(spec_from_arrays(arrays)), params_from_npz(arrays)

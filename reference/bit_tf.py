@@ -22,12 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from reference.bit_torch import BLOCK_STRIDES, GROUPS, BiTConfig, canonical_name, npz_shapes
-
-_UNIT_ORDER = ("a/group_norm/gamma", "a/group_norm/beta", "a/standardized_conv2d/kernel",
-               "b/group_norm/gamma", "b/group_norm/beta", "b/standardized_conv2d/kernel",
-               "c/group_norm/gamma", "c/group_norm/beta", "c/standardized_conv2d/kernel",
-               "a/proj/standardized_conv2d/kernel")  # proj is built in `build()`, after the rest
+from converters.families.bit import BLOCK_STRIDES, GROUPS, UNIT, UNIT_TAP, BitSpec, npz_shapes, tree_name, units
 
 
 def _tensorflow() -> Any:
@@ -42,13 +37,10 @@ def _tensorflow() -> Any:
     return tf
 
 
-def keras_weight_shapes(config: BiTConfig) -> dict[str, tuple[int, ...]]:
+def keras_weight_shapes(config: BitSpec) -> dict[str, tuple[int, ...]]:
     """Weight names (npz names, head as `head/dense`) and shapes in TF2 Keras `save_weights` order."""
-    npz = npz_shapes(config)
-    order = ["root_block/standardized_conv2d/kernel"]
-    for b, n in enumerate(config.depths, 1):
-        order += [f"block{b}/unit{u:02d}/{k}" for u in range(1, n + 1) for k in _UNIT_ORDER
-                  if f"block{b}/unit{u:02d}/{k}" in npz]
+    npz = {tree_name(k): s for k, s in npz_shapes(config).items()}  # its unit order is Keras'
+    order = ["root_block/standardized_conv2d/kernel", *(n for n in npz if n.startswith("block"))]
     shapes = {name: npz[name] for name in order + ["group_norm/gamma", "group_norm/beta"]}
     channels = npz["group_norm/gamma"][0]
     return shapes | {"head/dense/kernel": (channels, config.num_classes),
@@ -105,7 +97,7 @@ class BiTTF:
     Keras loads `.h5`) or `assign_npz` (original npz names).
     """
 
-    def __init__(self, config: BiTConfig) -> None:
+    def __init__(self, config: BitSpec) -> None:
         self.tf = tf = _tensorflow()
         self.config = config
         self.shapes = keras_weight_shapes(config)
@@ -123,7 +115,7 @@ class BiTTF:
 
     def assign_npz(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Assign from original npz arrays; the (1,1,C,K) `head/conv2d` kernel becomes the Dense (C,K)."""
-        canon = {canonical_name(k): v for k, v in arrays.items()}
+        canon = {tree_name(k): v for k, v in arrays.items()}
         canon["head/dense/kernel"] = np.asarray(canon.pop("head/conv2d/kernel"))[0, 0]
         canon["head/dense/bias"] = canon.pop("head/conv2d/bias")
         self.assign_keras_order([canon[name] for name in self.shapes])
@@ -143,10 +135,9 @@ class BiTTF:
         x = std_conv(tf, tf.convert_to_tensor(x, tf.float32), w["root_block/standardized_conv2d/kernel"], 2)
         taps = {"stem": max_pool_zero_padded(tf, x)}  # N, H/4, W/4, W
         x = taps["stem"]
-        for b, (n, stride) in enumerate(zip(self.config.depths, BLOCK_STRIDES), 1):
-            for u in range(1, n + 1):
-                x = taps[f"block{b}.unit{u:02d}"] = self._unit(x, f"block{b}/unit{u:02d}",
-                                                               stride if u == 1 else 1)
+        for b, u in units(self.config):
+            stride = BLOCK_STRIDES[b - 1] if u == 1 else 1
+            x = taps[UNIT_TAP.format(b=b, u=u)] = self._unit(x, UNIT.format(b=b, u=u), stride)
         taps["norm"] = tf.nn.relu(group_norm(tf, x, w["group_norm/gamma"], w["group_norm/beta"]))
         taps["pre_logits"] = tf.reduce_mean(taps["norm"], axis=[1, 2])  # N, C
         taps["logits"] = tf.matmul(taps["pre_logits"], w["head/dense/kernel"]) + w["head/dense/bias"]

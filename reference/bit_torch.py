@@ -14,8 +14,8 @@ Parameters keep the original leaf names (`kernel`, `gamma`, `beta`, `bias`);
 `state_dict_from_npz` applies only generic rules (strip the prefix, `/` -> `.`,
 every 4-D kernel HWIO -> OIHW, the 1x1 head included). Feature maps are NCHW.
 
-The top part (config, variant table, npz names) is framework-free and is shared
-by the Flax and TensorFlow references of this architecture.
+The variant (`BitSpec`) and the npz layout are stated once, framework-free, in
+`converters/families/bit.py`, shared with the Flax and TensorFlow references.
 
 Math (see shared/research/bit.md §3): weight standardization per output filter
 with eps 1e-10 inside the sqrt; GroupNorm(32) two-pass, eps 1e-5; fixed
@@ -25,8 +25,6 @@ with the stride on the 3x3 and the projection reading the pre-activated input.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -34,97 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ---------------------------------------------------------------------------
-# Config, variants and names (framework-free)
-# ---------------------------------------------------------------------------
-
-PREFIX = "resnet/"
-GROUPS = 32  # GroupNorm groups everywhere in BiT; channels are grouped contiguously
-BLOCK_STRIDES = (1, 2, 2, 2)  # block1 keeps the stem's resolution; the stride sits on unit01's 3x3
-
-# Variants are data: depth -> units per block; width factor -> root width 64*wf.
-DEPTHS: dict[int, tuple[int, ...]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-WIDTH_FACTORS = (1, 2, 3, 4)
-
-# Some published files spell `standardized_conv2d_N` (big_vision normalises it too).
-_NUMBERED_CONV = re.compile(r"/standardized_conv2d_\d+/")
-_UNIT = re.compile(r"^block(\d+)/unit(\d+)/")
-
-
-@dataclass(frozen=True)
-class BiTConfig:
-    """The shape of a BiT model: units per block, root width and head size.
-
-    Bottleneck width of block b is `root_width * 2**(b-1)`, its output width four
-    times that; R50x1 is `BiTConfig((3, 4, 6, 3), 64, K)`.
-    """
-
-    depths: tuple[int, ...]
-    root_width: int
-    num_classes: int
-
-    def mid(self, block: int) -> int:
-        return self.root_width * 2 ** (block - 1)
-
-    def out(self, block: int) -> int:
-        return 4 * self.mid(block)
-
-
-def bit_config(depth: int = 50, width_factor: int = 1, num_classes: int = 1000) -> BiTConfig:
-    """The config of a published variant, e.g. `bit_config(101, 3, 21843)` for BiT-M R101x3."""
-    return BiTConfig(DEPTHS[depth], 64 * width_factor, num_classes)
-
-
-def canonical_name(name: str) -> str:
-    """An npz name without `resnet/` and with `standardized_conv2d_N` spelled `standardized_conv2d`."""
-    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    return _NUMBERED_CONV.sub("/standardized_conv2d/", name)
-
-
-def config_from_arrays(arrays: Mapping[str, np.ndarray]) -> BiTConfig:
-    """Infer depths, root width and classes from original npz names and shapes.
-
-    Units per block are counted from the `block{b}/unit{u:02d}/` names, the root
-    width is the root kernel's output axis and the classes the head bias length.
-    """
-    shapes = {canonical_name(k): tuple(np.shape(v)) for k, v in arrays.items()}
-    units: dict[int, set[int]] = {}
-    for name in shapes:
-        if match := _UNIT.match(name):
-            units.setdefault(int(match[1]), set()).add(int(match[2]))
-    depths = tuple(len(units[b]) for b in sorted(units))
-    root_width = shapes["root_block/standardized_conv2d/kernel"][-1]
-    return BiTConfig(depths, root_width, shapes["head/conv2d/bias"][0])
-
-
-def unit_names(config: BiTConfig) -> list[str]:
-    """Tap names of every residual unit in order: `block1.unit01`, ..., `block4.unit03`."""
-    return [f"block{b}.unit{u:02d}" for b, n in enumerate(config.depths, 1) for u in range(1, n + 1)]
-
-
-def _unit_shapes(cin: int, mid: int, out: int, first: bool) -> dict[str, tuple[int, ...]]:
-    """One unit's names (relative to `block{b}/unit{u:02d}/`) and shapes; `a/proj` only in unit01."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for part, c, kernel in (("a", cin, (1, 1, cin, mid)), ("b", mid, (3, 3, mid, mid)),
-                            ("c", mid, (1, 1, mid, out))):
-        shapes |= {f"{part}/group_norm/gamma": (c,), f"{part}/group_norm/beta": (c,),
-                   f"{part}/standardized_conv2d/kernel": kernel}
-    return shapes | ({"a/proj/standardized_conv2d/kernel": (1, 1, cin, out)} if first else {})
-
-
-def npz_shapes(config: BiTConfig) -> dict[str, tuple[int, ...]]:
-    """Every original npz name (without `resnet/`) and its HWIO / (C,) shape, in model order."""
-    shapes = {"root_block/standardized_conv2d/kernel": (7, 7, 3, config.root_width)}
-    cin = config.root_width
-    for b, n in enumerate(config.depths, 1):
-        for u in range(1, n + 1):
-            unit = _unit_shapes(cin, config.mid(b), config.out(b), u == 1)
-            shapes |= {f"block{b}/unit{u:02d}/{k}": s for k, s in unit.items()}
-            cin = config.out(b)
-    k = config.num_classes
-    return shapes | {"group_norm/gamma": (cin,), "group_norm/beta": (cin,),
-                     "head/conv2d/kernel": (1, 1, cin, k), "head/conv2d/bias": (k,)}
-
+from converters.families.bit import BLOCK_STRIDES, GROUPS, BitSpec, spec_from_arrays, tree_name
 
 # ---------------------------------------------------------------------------
 # Primitives (NCHW)
@@ -282,7 +190,7 @@ class BiT(nn.Module):
     output), `norm` (ReLU(GN) map before pooling), `pre_logits` (N, C), `logits`.
     """
 
-    def __init__(self, config: BiTConfig) -> None:
+    def __init__(self, config: BitSpec) -> None:
         super().__init__()
         self.config = config
         self.root_block = RootBlock(config.root_width)
@@ -324,12 +232,12 @@ def state_dict_from_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Ten
         if array.ndim == 4:
             array = array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
         # a copy: loaded arrays may be read-only views of the file
-        state[canonical_name(name).replace("/", ".")] = torch.from_numpy(np.array(array, order="C"))
+        state[tree_name(name).replace("/", ".")] = torch.from_numpy(np.array(array, order="C"))
     return state
 
 
 def from_npz(arrays: Mapping[str, np.ndarray]) -> BiT:
     """A BiT in eval mode built from the arrays' inferred config and loaded strictly."""
-    model = BiT(config_from_arrays(arrays))
+    model = BiT(spec_from_arrays(arrays))
     model.load_state_dict(state_dict_from_npz(arrays), strict=True)
     return model.eval()

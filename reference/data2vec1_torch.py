@@ -18,13 +18,13 @@ mean of the patch tokens → `fc_norm` → `head`. Every LayerNorm uses eps 1e-6
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converters.rules import count_indexed
 from reference import beit_positions
 
 # beit/modeling_finetune.py builds every norm as partial(nn.LayerNorm, eps=1e-6);
@@ -73,11 +73,10 @@ def config_for(variant: str, **overrides) -> Data2Vec1Config:
 
 
 def _table_window(rows: int) -> int:
-    """Window side W from the table length (2W-1)^2 + 3 (the 3: cls→tok, tok→cls, cls→cls)."""
-    side = math.isqrt(rows - 3)
-    if side * side != rows - 3 or side % 2 == 0:
+    window = beit_positions.table_window(rows)
+    if window is None:
         raise ValueError(f"relative position table with {rows} rows is not (2W-1)^2+3")
-    return (side + 1) // 2
+    return window
 
 
 def infer_config(sd: dict[str, torch.Tensor]) -> Data2Vec1Config:
@@ -95,7 +94,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> Data2Vec1Config:
     patch = sd["patch_embed.proj.weight"].shape[-1]
     return Data2Vec1Config(
         dim=sd["cls_token"].shape[-1],
-        depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+        depth=count_indexed(sd, "blocks."),
         heads=table.shape[1],
         mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
         patch=patch,

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converters.rules import count_indexed
+from reference import mae_positions
 from reference.mae_positions import POSITIONS_ATOL  # stored vs rebuilt positions: fp16 rounding
 
 # Data2VecMultiConfig.norm_eps default, kept by every released image config.
@@ -88,11 +90,6 @@ def config_for(variant: str, **overrides) -> Data2Vec2Config:
     return replace(Data2Vec2Config(**VARIANTS[variant]), **overrides)
 
 
-def _count(sd: dict[str, torch.Tensor], prefix: str) -> int:
-    ids = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
-    return 1 + max(ids) if ids else 0
-
-
 def infer_config(sd: dict[str, torch.Tensor], heads: int, image: int | None = None,
                  norm_eps: float = NORM_EPS) -> Data2Vec2Config:
     """Read widths, depths, patch, image size, classes and norm placement off the shapes.
@@ -112,8 +109,8 @@ def infer_config(sd: dict[str, torch.Tensor], heads: int, image: int | None = No
     grid = round(positions.shape[1] ** 0.5) if positions is not None else (image or 224) // conv.shape[-1]
     return Data2Vec2Config(
         dim=conv.shape[0],
-        depth=_count(sd, "blocks."),
-        prenet_depth=_count(sd, enc + "context_encoder.blocks."),
+        depth=count_indexed(sd, "blocks."),
+        prenet_depth=count_indexed(sd, enc + "context_encoder.blocks."),
         heads=heads,
         mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
         patch=conv.shape[-1],
@@ -130,22 +127,8 @@ def infer_config(sd: dict[str, torch.Tensor], heads: int, image: int | None = No
 
 
 def sincos_positions(dim: int, grid: int) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos table [1, grid*grid, dim], patches only (no cls row).
-
-    The first dim/2 channels encode the COLUMN index and the last dim/2 the ROW
-    index (mae.py meshgrid(grid_w, grid_h) puts w first); each half is
-    [sin(p·ω), cos(p·ω)] with ω_i = 10000^(-i/(dim/4)). Computed in float64 as
-    numpy does, then cast to float32.
-    """
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                                torch.arange(grid, dtype=torch.float64), indexing="ij")
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        out = pos.reshape(-1, 1) * omega                        # N, dim/4
-        return torch.cat([out.sin(), out.cos()], dim=1)         # N, dim/2
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()[None]  # 1, N, dim
+    """MAE's fixed 2-D sin-cos table [1, grid*grid, dim] (reference/mae_positions.py), as a tensor."""
+    return torch.from_numpy(mae_positions.sincos_positions(dim, grid))
 
 
 class PatchEmbed(nn.Module):

@@ -1,7 +1,9 @@
 """MAE's fixed 2-D sin-cos position table of data2vec 2.0 (numpy only).
 
-The PyTorch references build the same table in torch; converters check a stored
-table against this one without importing a framework, and keep the stored values.
+The one statement of the table: the PyTorch reference and the synthetic writer take
+it from here, and converters check a stored table against it without importing a
+framework (they keep the stored values). The folder's own modeling code
+(reference/data2vec2_hf) builds it again in torch, because that file must run alone.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ def sincos_positions(dim: int, grid: int) -> np.ndarray:
 
     The first dim/2 channels encode the COLUMN index and the last dim/2 the ROW
     index (mae.py meshgrid(grid_w, grid_h) puts w first); each half is
-    [sin(p·ω), cos(p·ω)] with ω_i = 10000^(-i/(dim/4)). Computed in float64,
-    then cast to float32, as `reference.data2vec2_torch.sincos_positions`.
+    [sin(p·ω), cos(p·ω)] with ω_i = 10000^(-i/(dim/4)). Computed in float64
+    (numpy's float, as MAE), then cast to float32.
     """
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
     rows, cols = np.divmod(np.arange(grid * grid, dtype=np.float64), grid)  # row-major patches

@@ -187,6 +187,7 @@ def test_planted_minus_inf_pool_padding_is_caught_at_the_stem(tiny_folder, tiny_
 
     from converters import bit
     from converters.readers.detect import open_checkpoint
+    from converters.families.bit import tap_modules
     from parity import bit as sides
     from parity.engine import run_parity
     from parity.inputs import standard_inputs
@@ -194,7 +195,7 @@ def test_planted_minus_inf_pool_padding_is_caught_at_the_stem(tiny_folder, tiny_
     model = AutoModelForImageClassification.from_pretrained(tiny_folder).eval()
     model.bit.embedder.pad = torch.nn.Identity()
     model.bit.embedder.pooler = torch.nn.MaxPool2d(3, 2, padding=1)  # pads with -inf: the classic bug
-    target = sides.torch_side(model, sides._hf_tap_modules((2, 1, 1, 1)), "broken", "target")
+    target = sides.torch_side(model, tap_modules("transformers", (2, 1, 1, 1)), "broken", "target")
     arrays = bit.source_arrays(open_checkpoint(tiny_npz))
     report = run_parity(sides.flax_source(arrays), [(target, "float32")],
                         standard_inputs([(64, 64)], sides.MEAN, sides.STD), family="bit", variant="tiny")

@@ -198,13 +198,13 @@ def _gpu_agreement(family: str, records, converted, **fast_options) -> dict:
 
 
 def test_files_are_in_the_original_layout(records) -> None:
-    from checkpoints.synthetic import bit_shapes
+    from converters.families.bit import BitSpec, npz_shapes
     from checkpoints.synthetic_data2vec import d2v1_state_dict
     from checkpoints.fixtures import train_data2vec
 
     with np.load(records("bit")["checkpoint"]) as npz:
         shapes = {k: npz[k].shape for k in npz.files}
-    assert shapes == bit_shapes((1, 1, 1, 1), 32, len(CLASSES))
+    assert shapes == npz_shapes(BitSpec((1, 1, 1, 1), 32, len(CLASSES)))
     container = torch.load(records("data2vec1")["checkpoint"], map_location="cpu", weights_only=True)
     template = d2v1_state_dict(train_data2vec.CONFIG, 0, shared_rel_pos=False, finetuned=True)
     assert list(container["module"]) == list(template)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from timm.layers import StdConv2d
 from timm.models.resnetv2 import ResNetV2  # before any TensorFlow import: see reference/bit_tf.py
 
-from checkpoints.synthetic import DEPTHS, bit_arrays, bit_shapes, keras_layers, write_bit_h5, write_bit_npz
+from checkpoints.synthetic import bit_arrays, keras_layers, write_bit_h5, write_bit_npz
+from converters.families.bit import DEPTHS, BitSpec, npz_shapes, spec_from_arrays, tap_names, tree_name
 from reference import bit_flax, bit_torch
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -56,8 +57,8 @@ def assert_taps_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndar
     return errors
 
 
-def tap_order(config: bit_torch.BiTConfig) -> list[str]:
-    return ["stem", *bit_torch.unit_names(config), "norm", "pre_logits", "logits"]
+def tap_order(config: BitSpec) -> list[str]:
+    return tap_names(config)
 
 
 def nhwc(taps: dict) -> dict[str, np.ndarray]:
@@ -107,14 +108,14 @@ def test_flax_and_torch_agree_per_tap(arrays, flax_model, size):
 
 def test_module_trees_are_the_npz_tree(arrays):
     """Both references' parameter names are the npz names; moving weights needs generic rules only."""
-    names = {bit_torch.canonical_name(k) for k in arrays}
-    torch_model = bit_torch.BiT(bit_torch.config_from_arrays(arrays))
+    names = {tree_name(k) for k in arrays}
+    torch_model = bit_torch.BiT(spec_from_arrays(arrays))
     assert {k.replace(".", "/") for k in torch_model.state_dict()} == names
-    model = bit_flax.BiT(bit_flax.config_from_arrays(arrays))
+    model = bit_flax.BiT(bit_flax.spec_from_arrays(arrays))
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
     flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
     shapes = {"/".join(p.key for p in path): tuple(v.shape) for path, v in flat}
-    assert shapes == {bit_torch.canonical_name(k): v.shape for k, v in arrays.items()}
+    assert shapes == {tree_name(k): v.shape for k, v in arrays.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_timm_npz_loader_agrees_with_flax(arrays, flax_model, tmp_path):
 
     timm standardizes with eps 1e-8 (original 1e-10); the difference is far below the tolerances.
     """
-    config = bit_torch.config_from_arrays(arrays)
+    config = spec_from_arrays(arrays)
     path = tmp_path / "tiny-bit.npz"
     write_bit_npz(path, arrays)
     model = ResNetV2(layers=list(config.depths), channels=tuple(config.out(b) for b in range(1, 5)),
@@ -186,7 +187,7 @@ def test_timm_npz_loader_agrees_with_flax(arrays, flax_model, tmp_path):
         taps["norm"] = model.norm(h)
         taps["logits"] = model.forward_head(taps["norm"])
     taps = nhwc(taps)
-    assert_taps_close(taps, flax_model(x), ["stem", *bit_torch.unit_names(config), "norm", "logits"],
+    assert_taps_close(taps, flax_model(x), [t for t in tap_names(config) if t != "pre_logits"],
                       "timm vs flax")
 
 
@@ -197,19 +198,11 @@ def test_timm_npz_loader_agrees_with_flax(arrays, flax_model, tmp_path):
 def test_npz_key_counts_and_parameter_totals():
     """153/306/459 keys for R50/R101/R152 and the published parameter totals."""
     for depth, keys in ((50, 153), (101, 306), (152, 459)):
-        assert len(bit_shapes(DEPTHS[depth])) == keys
+        assert len(npz_shapes(BitSpec(DEPTHS[depth], 64, 1000))) == keys
     total = lambda shapes: sum(int(np.prod(s)) for s in shapes.values())
-    assert total(bit_shapes(DEPTHS[50], 64, 1000)) == 25_549_352
-    assert total(bit_shapes(DEPTHS[152], 256, 21843)) == 1_107_299_923
-    assert total(bit_shapes(DEPTHS[101], 192, 21843)) == 516_015_123
-
-
-def test_synthetic_shapes_match_reference_spec():
-    """The writer's layout and the references' layout are stated independently; they agree."""
-    for depth, wf, k in ((50, 1, 1000), (101, 3, 21843), (152, 4, 10)):
-        spec = bit_torch.npz_shapes(bit_torch.bit_config(depth, wf, k))
-        written = bit_shapes(DEPTHS[depth], 64 * wf, k)
-        assert {bit_torch.canonical_name(n): s for n, s in written.items()} == spec
+    assert total(npz_shapes(BitSpec(DEPTHS[50], 64, 1000))) == 25_549_352
+    assert total(npz_shapes(BitSpec(DEPTHS[152], 256, 21843))) == 1_107_299_923
+    assert total(npz_shapes(BitSpec(DEPTHS[101], 192, 21843))) == 516_015_123
 
 
 def test_npz_writer_is_flat_uncompressed_float32(arrays, tmp_path):
@@ -231,7 +224,7 @@ def test_numbered_conv_spelling_normalises_to_the_same_model(arrays):
     assert "resnet/root_block/standardized_conv2d/kernel" in numbered
     assert "resnet/block1/unit01/a/standardized_conv2d_1/kernel" in numbered
     assert len({k.split("/")[-2] for k in convs}) == len(convs) == 17  # every conv spelled uniquely
-    assert bit_torch.config_from_arrays(numbered) == bit_torch.config_from_arrays(arrays)
+    assert spec_from_arrays(numbered) == spec_from_arrays(arrays)
     plain, renamed = bit_torch.state_dict_from_npz(arrays), bit_torch.state_dict_from_npz(numbered)
     assert plain.keys() == renamed.keys() and all(torch.equal(plain[k], renamed[k]) for k in plain)
 
@@ -262,7 +255,7 @@ def test_h5_writer_has_keras_layer_and_weight_order(arrays, tmp_path):
 
 def test_h5_writer_r50_layout():
     """Full R50x1 structure (shapes only matter): 153 weights, 16-unit order, proj last in unit01s."""
-    layers = keras_layers({k: np.zeros(s, np.float32) for k, s in bit_shapes(DEPTHS[50], 64, 1000).items()})
+    layers = keras_layers({k: np.zeros(s, np.float32) for k, s in npz_shapes(BitSpec(DEPTHS[50], 64, 1000)).items()})
     assert [len(w) for _, w in layers] == [1, 3 * 9 + 1, 4 * 9 + 1, 6 * 9 + 1, 3 * 9 + 1, 2, 2]
     assert layers[1][1][9][0] == "resnet/block1/unit01/a/proj/standardized_conv2d/kernel:0"
     assert layers[1][1][9][1].shape == (1, 1, 64, 256)
@@ -283,7 +276,7 @@ def test_tf_reference_from_h5_order_agrees_with_flax(arrays, flax_model, tmp_pat
     with h5py.File(path, "r") as f:
         layers = [n.decode() for n in f.attrs["layer_names"]]
         values = [f[layer][n.decode()][()] for layer in layers for n in f[layer].attrs["weight_names"]]
-    model = bit_tf.BiTTF(bit_torch.config_from_arrays(arrays))
+    model = bit_tf.BiTTF(spec_from_arrays(arrays))
     model.assign_keras_order(values)
     x = image((65, 47))
     taps = {k: v.numpy() for k, v in model(x)[1].items()}

@@ -14,10 +14,11 @@ import pytest
 from transformers import (BitConfig, BitForImageClassification, Data2VecVisionConfig,
                           Data2VecVisionForImageClassification, Data2VecVisionModel)
 
-from converters.bit import BitSpec, hf_config
+from converters.bit import hf_config
+from converters.families.bit import BitSpec, target_shapes
 from converters.data2vec import D2V2_BACKBONE, D2V2_PRETRAINED_BACKBONE, D2V1Spec, D2V2Spec, d2v1_config, d2v2_config
 from converters.family import expected_shapes
-from converters.shapes import bit_shapes, data2vec2_vision_shapes, data2vec_vision_shapes
+from converters.shapes import data2vec2_vision_shapes, data2vec_vision_shapes
 from reference.data2vec2_hf import (Data2Vec2VisionConfig, Data2Vec2VisionForImageClassification,
                                     Data2Vec2VisionModel)
 
@@ -33,11 +34,11 @@ BIT_VARIANTS = {  # name: (depths, width factor, classes)
 @pytest.mark.parametrize("name", BIT_VARIANTS)
 def test_bit_shapes_equal_transformers(name: str) -> None:
     depths, width, classes = BIT_VARIANTS[name]
-    spec = BitSpec(depths, int(64 * width), tuple(int(w * width) for w in (256, 512, 1024, 2048)),
-                   classes, "conv2d")
+    spec = BitSpec(depths, int(64 * width), classes,
+                   hidden_sizes=tuple(int(w * width) for w in (256, 512, 1024, 2048)))
     config = hf_config(spec, None)
     expected = expected_shapes(BitForImageClassification, BitConfig(**config))
-    assert bit_shapes(config) == expected
+    assert target_shapes(config) == expected
 
 
 D2V_VARIANTS = {  # name: (dim, depth, heads, mlp, patch, image)
@@ -99,9 +100,9 @@ def test_data2vec2_vision_shapes_follow_the_pooling_flag(classification: bool, u
 
 
 def test_shape_functions_refuse_layouts_they_do_not_cover() -> None:
-    config = hf_config(BitSpec((1, 1, 1, 1), 32, (128, 256, 512, 1024), 10, "conv2d"), None)
+    config = hf_config(BitSpec((1, 1, 1, 1), 32, 10), None)
     with pytest.raises(ValueError):
-        bit_shapes({**config, "layer_type": "bottleneck"})
+        target_shapes({**config, "layer_type": "bottleneck"})
     d2v = d2v1_config(D2V1Spec("", 64, 2, 4, 128, 16, 64, 3, 10, False))
     with pytest.raises(ValueError):
         data2vec_vision_shapes({**d2v, "use_shared_relative_position_bias": True}, True)
