@@ -4,11 +4,8 @@ process under an address-space limit, and its peak RSS and CPU time are measured
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -17,12 +14,12 @@ import numpy as np
 import pytest
 
 from attacks_budgets import SEEDS
+from tests.measure import run_measured
 from converters.errors import InputError
 from converters.readers import keras_h5
 from converters.readers import torch_pickle
 from converters.readers.torch_pickle import read_torch
 
-REPO = Path(__file__).resolve().parents[1]
 ADDRESS_SPACE = 3 << 30   # a safety net; python with numpy and h5py maps ~1 GiB before reading anything
 MAX_RSS = 512 << 20
 MAX_CPU_SECONDS = 5.0
@@ -50,28 +47,9 @@ EXPECTED = {
                                               r"past its \d+ bytes",
 }
 
-# Runs the command with stdout and stderr passed through, then prints the peak RSS and CPU seconds of
-# its process tree. It is exec'd fresh from this small process, not forked from pytest: Linux starts a
-# child's ru_maxrss at the RSS of the process it was forked from.
-_MEASURE = """
-import resource, subprocess, sys
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-code = subprocess.run(sys.argv[2:]).returncode
-usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(f"MEASURED {code} {usage.ru_maxrss * 1024} {usage.ru_utime + usage.ru_stime}", file=sys.stderr)
-"""
-
-
 def run_cli(*argv: str) -> tuple[int, list[str], int, float]:
     """(exit code, stderr lines, peak RSS in bytes, CPU seconds) of `parityport argv` in a child."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
-    child = subprocess.run([sys.executable, "-c", _MEASURE, str(ADDRESS_SPACE), sys.executable, "-m",
-                            "parityport.cli", *argv], capture_output=True, text=True, env=env,
-                           timeout=MAX_WALL_SECONDS, cwd=REPO)
-    lines = child.stderr.splitlines()
-    _, code, rss, cpu = lines[-1].split()
-    return int(code), lines[:-1], int(rss), float(cpu)
+    return run_measured(list(argv), ADDRESS_SPACE, MAX_WALL_SECONDS)
 
 
 @pytest.mark.parametrize("name", list(SEEDS))

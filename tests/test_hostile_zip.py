@@ -4,12 +4,7 @@ in bounded memory and time."""
 
 from __future__ import annotations
 
-import os
-import resource
 import struct
-import subprocess
-import sys
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -22,8 +17,8 @@ from converters.errors import InputError
 from converters.readers.npz import read_npz
 from converters.readers.torch_pickle import read_torch
 from tests.attacks_zip import SEEDS
+from tests.measure import run_measured
 
-REPO = Path(__file__).resolve().parents[1]
 ADDRESS_SPACE = 3 << 30  # soft RLIMIT_AS of the command: an allocation past it fails fast
 MAX_RSS = 512 << 20      # peak resident memory of the command and its isolated parse
 MAX_CPU_S = 5.0          # CPU seconds of both (wall time varies with a shared machine's load)
@@ -70,28 +65,11 @@ BOUNDED = {"npz_dim_digits", "npz_dims_product_digits", "bit_width_overflow", "p
            "pt_dim_digits_nonzero", "d2v2_cfg_heads_digits", "d2v2_cfg_eps_huge"}
 
 
-def _limit_address_space() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, resource.RLIM_INFINITY))
-
-
 def _convert(src: Path, out: Path) -> tuple[int, list[str], int, float]:
-    """Run `parityport convert` in a child under a soft address-space limit; return its exit code,
-    stderr lines, peak RSS in bytes and CPU seconds (its isolated parse included)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), TQDM_DISABLE="1")
-    child = subprocess.Popen([sys.executable, "-m", "parityport.cli", "convert", str(src), "--out", str(out),
-                              "--no-parity"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                             cwd=src.parent, preexec_fn=_limit_address_space)
-    hung = threading.Timer(WALL_LIMIT_S, child.kill)
-    hung.start()
-    try:
-        err = child.stderr.read()
-        _, status, usage = os.wait4(child.pid, 0)
-    finally:
-        hung.cancel()
-        child.stderr.close()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return (child.returncode, err.decode().strip().splitlines(), usage.ru_maxrss * 1024,
-            usage.ru_utime + usage.ru_stime)
+    """Run `parityport convert` under an address-space limit; return its exit code, stderr lines, peak
+    RSS in bytes and CPU seconds (its isolated parse included)."""
+    return run_measured(["convert", str(src), "--out", str(out), "--no-parity"], ADDRESS_SPACE, WALL_LIMIT_S,
+                        cwd=src.parent)
 
 
 def test_every_seed_has_an_expected_refusal():

@@ -24,16 +24,15 @@ import signal
 import subprocess
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
+from typing import Any, Callable
 
 from converters.digest import identity
 from converters.errors import InputError, QuotedTraceback, UnsafeInputError
 from converters.readers.detect import open_checkpoint
 from converters.readers.source import Source, open_source
-from converters.tensors import Checkpoint, LazyTensor
+from converters.tensors import Checkpoint
 
 MEMORY_LIMIT = 4 << 30   # bytes of address space for the parse; headers and pickles need far less
 TIME_LIMIT = 300.0       # seconds
@@ -126,14 +125,15 @@ def open_isolated(source: Source | str | Path, memory: int | None = None, timeou
         checkpoint = open_checkpoint(source.handle)
     except InputError as error:
         raise _renamed(error, source) from None
-    tensors = {name: LazyTensor(t.shape, t.dtype, _through(source, t.loader))
-               for name, t in checkpoint.tensors.items()}
-    return Checkpoint(source.path, checkpoint.format, tensors, checkpoint.meta)
+    tensors = {name: replace(t, loader=_through(source, t.loader)) for name, t in checkpoint.tensors.items()}
+    return replace(checkpoint, path=source.path, tensors=tensors,
+                   verify_unread=_through(source, checkpoint.verify_unread))
 
 
-def _through(source: Source, loader: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
-    """`loader`, naming the user's path in its errors; it holds `source`, so the opening it reads
-    through stays open (and its descriptor number ours) while any tensor can still be loaded."""
+def _through(source: Source, loader: Callable[[], Any]) -> Callable[[], Any]:
+    """`loader` (a tensor's, or the check of unread bytes), naming the user's path in its errors; it
+    holds `source`, so the opening it reads through stays open (and its descriptor number ours)
+    while any tensor can still be loaded."""
     def load():
         try:
             return loader()
