@@ -84,9 +84,9 @@ def h5_external_link_target(folder: Path) -> Path:
 
     path = folder / "link.h5"
     with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = [b"layer"]
+        f.attrs["layer_names"] = np.array([b"layer"], dtype="S")  # fixed-length, as Keras writes
         layer = f.create_group("layer")
-        layer.attrs["weight_names"] = [b"layer/kernel:0"]
+        layer.attrs["weight_names"] = np.array([b"layer/kernel:0"], dtype="S")
         layer["layer/kernel:0"] = h5py.ExternalLink(f"/tmp/{INJECTION}.h5", f"/{INJECTION}")
     return path
 
@@ -99,8 +99,8 @@ def h5_layer_name(folder: Path) -> Path:
     path = folder / "layer.h5"
     name = f"w{INJECTION}" + "k" * 60_000
     with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = [name.encode()]
-        f.create_group(name).attrs["weight_names"] = [f"{name}/kernel:0".encode()]
+        f.attrs["layer_names"] = np.array([name.encode()], dtype="S")  # fixed-length, as Keras writes
+        f.create_group(name).attrs["weight_names"] = np.array([f"{name}/kernel:0".encode()], dtype="S")
     return path
 
 

@@ -54,7 +54,7 @@ def test_the_rules_step_names_three_of_a_million_unexpected_keys() -> None:
     tensor = LazyTensor((1,), np.dtype(np.float32), lambda: np.zeros(1, np.float32))
     produced = {f"y{i}\x1b]0;t\x07": tensor for i in range(1_000_000)}
     with pytest.raises(InputError) as error:
-        _check_expected(produced, {"y0\x1b]0;t\x07": (1,)}, [], "f.npz")
+        _check_expected(produced, {"y0\x1b]0;t\x07": (1,)}, [], produced, "f.npz")
     assert str(error.value) == ("f.npz: unexpected keys: y1\\x1b]0;t\\x07, y2\\x1b]0;t\\x07, y3\\x1b]0;t\\x07 "
                                 "(+999,996 more)")
 
