@@ -227,4 +227,5 @@ def test_fuzz_targeted_corpus(tmp_path: Path) -> None:
 @pytest.mark.parametrize("reader", READERS)
 def test_fuzz_targeted_corpus_long(tmp_path: Path, reader: str) -> None:
     failures, counts = fuzz(corpus(build_seeds(tmp_path), per_reader=LONG_CASES_PER_READER, reader=reader))
+    print(f"{reader}: {counts}")  # what `make fuzz` reports of each reader's cases
     assert not failures, f"{len(failures)} failures ({counts}):\n" + "\n".join(failures[:20])

@@ -169,3 +169,18 @@ def test_npz_members_no_load_read_are_crc_checked_by_verify_unread(tmp_path: Pat
     checkpoint.tensors["a"].load()
     with pytest.raises(InputError, match=r"member 'b.npy': bad CRC-32"):
         checkpoint.verify_unread()
+
+
+def test_a_corrupt_deflate_stream_in_an_npz_is_refused_as_corrupt(tmp_path: Path) -> None:
+    """A deflated member whose stream does not inflate is bad input (zlib.error), not a fault of ours."""
+    path = tmp_path / "compressed.npz"
+    np.savez_compressed(path, w=np.arange(4096, dtype=np.float32))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("w.npy")
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length  # the local header's own lengths
+    data[start:start + 8] = b"\xff" * 8  # the first deflate block's header: invalid
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"member 'w\.npy': truncated or corrupt \(Error -3 while decompressing"):
+        read_npz(path)

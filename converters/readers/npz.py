@@ -163,7 +163,7 @@ def _inspect_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo)
     except InputError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError,
-            RuntimeError) as error:
+            RuntimeError, zlib.error) as error:  # zlib.error: a deflated member's stream is corrupt
         raise InputError(path, f"member {info.filename!r}: truncated or corrupt "
                                f"({_one_line(error)})") from None
 
@@ -265,7 +265,7 @@ def _load(path: Path, member: _Member) -> np.ndarray:
                 flat = _read_exact(path, member, stream)
         except InputError:
             raise
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError) as error:
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, zlib.error) as error:
             raise InputError(path, f"member {member.name!r}: truncated or corrupt "
                                    f"({_one_line(error)})") from None
     return _arrange(flat, member)
