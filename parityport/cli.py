@@ -114,6 +114,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         with bar:
             write_model(tmp, conversion, checkpoint, digest, args.dtype, args.allow_nonfinite, on_tensor,
                         max_shard_size=max_shard_size, synthetic=synthetic)
+        checkpoint.verify_unread()  # the CRC-32 of member bytes no tensor load read (dropped keys)
         if not args.no_parity:
             report = _parity(checkpoint, conversion, tmp, args.dtype, synthetic, args.allow_nonfinite)
             if not report.passed:
@@ -124,7 +125,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 os.replace(tmp, failed)
                 raise CheckFailed(f"{src}: parity FAILED ({report.failure}); "
                                   f"report kept in {failed}, nothing written to {dest}")
-        checkpoint.verify_unread()  # the CRC-32 of member bytes no tensor load read (dropped keys)
         if identity(src) != opened.identity:  # its hash, CRCs and mapped pages may disagree with each other
             raise InputError(src, "changed while it was being converted; nothing was written")
         _write_card(tmp, dest)
