@@ -184,3 +184,15 @@ def test_a_corrupt_deflate_stream_in_an_npz_is_refused_as_corrupt(tmp_path: Path
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"member 'w\.npy': truncated or corrupt \(Error -3 while decompressing"):
         read_npz(path)
+
+
+def test_an_npy_header_that_does_not_tokenize_is_a_bad_header(tmp_path: Path) -> None:
+    """numpy's 1.0 header filter raises tokenize.TokenError on an unclosed bracket: bad input too."""
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': ((1,), }"
+    header += b" " * (118 - len(header)) + b"\n"
+    member = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 4
+    path = tmp_path / "bad-header.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("w.npy", member)
+    with pytest.raises(InputError, match=r"member 'w\.npy': bad \.npy header \(\('EOF in multi-line statement'"):
+        read_npz(path)

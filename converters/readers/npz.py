@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
@@ -176,8 +177,8 @@ def _parse_header(path: Path, info: zipfile.ZipInfo, stream) -> _Member:
         if reader is None:
             raise ValueError(f".npy format version {version} is not supported")
         shape, fortran, dtype = reader(stream, max_header_size=MAX_HEADER_BYTES)
-    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError,
-            UnicodeDecodeError, OverflowError, KeyError, EOFError) as error:
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, UnicodeDecodeError,
+            OverflowError, KeyError, EOFError, tokenize.TokenError) as error:  # TokenError: numpy's 1.0 header filter
         raise InputError(path, f"member {name!r}: bad .npy header ({_one_line(error)})") from None
     _check_dtype(path, name, dtype)
     _check_shape(path, name, shape, dtype)
