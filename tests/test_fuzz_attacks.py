@@ -94,7 +94,11 @@ class Case:
         if self.mutation is None:
             return self.path
         target = self.path.with_name("mutant-" + self.path.name)
-        target.write_bytes(mutate(self.original, random.Random(f"{self.seed}/{self.mutation}")))
+        fresh = target.with_name(target.name + ".new")
+        fresh.write_bytes(mutate(self.original, random.Random(f"{self.seed}/{self.mutation}")))
+        # a new file, not the last case's rewritten in place: a mapping of that one the worker still
+        # holds would fault (SIGBUS) on pages past a shorter file's end, a fault of the harness
+        os.replace(fresh, target)
         return target
 
 
