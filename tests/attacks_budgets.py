@@ -40,7 +40,8 @@ def _memo_dag(levels: int) -> bytes:
     return out + b"h\x00"
 
 
-def _torch_zip(path: Path, pickled: bytes, storages: dict[str, bytes] | None = None) -> Path:
+def torch_zip(path: Path, pickled: bytes, storages: dict[str, bytes] | None = None) -> Path:
+    """A torch zip checkpoint of `pickled` and raw `storages`, laid out as torch.save writes one."""
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", pickled)
         archive.writestr("archive/byteorder", "little")
@@ -101,7 +102,7 @@ def _zlib_zeros(mib: int) -> bytes:
 def pid_memo_dag(folder: Path) -> Path:
     """A persistent id that is a memo DAG of 2**40 leaves: quoting it whole in the refusal would
     build a string of terabytes."""
-    return _torch_zip(folder / "pid_dag.pt", b"\x80\x02" + _memo_dag(40) + b"Q.")
+    return torch_zip(folder / "pid_dag.pt", b"\x80\x02" + _memo_dag(40) + b"Q.")
 
 
 def legacy_protocol_memo_dag(folder: Path) -> Path:
@@ -116,7 +117,7 @@ def tensor_size_memo_dag(folder: Path) -> Path:
     pickled = (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n("
                b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\n" + _op("0") + _op("cpu") + _op(1)
                + b"tQK\x00" + _memo_dag(40) + _op((1,)) + b"\x89ccollections\nOrderedDict\n)RtRs.")
-    return _torch_zip(folder / "size_dag.pt", pickled, {"0": b"\0" * 4})
+    return torch_zip(folder / "size_dag.pt", pickled, {"0": b"\0" * 4})
 
 
 def deflated_opcode_run(folder: Path, mib: int = 128) -> Path:
@@ -138,7 +139,7 @@ def memo_dag_of_tensors(folder: Path, levels: int = 21) -> Path:
     for _ in range(levels):
         out.write(b"}(X\x01\x00\x00\x00ah\x00X\x01\x00\x00\x00bh\x00uq\x00")
     out.write(b".")
-    return _torch_zip(folder / "tensor_dag.pt", out.getvalue(), {"0": b"\0" * 4})
+    return torch_zip(folder / "tensor_dag.pt", out.getvalue(), {"0": b"\0" * 4})
 
 
 def memo_dag_of_objects(folder: Path, levels: int = 24) -> Path:
@@ -146,7 +147,7 @@ def memo_dag_of_objects(folder: Path, levels: int = 24) -> Path:
     out = b"\x80\x02K\x01q\x000"
     for _ in range(levels):
         out += b"(h\x00h\x00lq\x000"  # MARK, BINGET 0 twice, LIST, BINPUT 0, POP
-    return _torch_zip(folder / "object_dag.pt", out + b"h\x00.")
+    return torch_zip(folder / "object_dag.pt", out + b"h\x00.")
 
 
 def _byteorder_bomb(folder: Path, name: str, method: int, stream: bytes) -> Path:

@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from attacks_budgets import torch_zip
 from converters.errors import InputError, UnsafeInputError
 from converters.readers import keras_h5 as keras_reader
 from converters.readers import npz as npz_reader
@@ -371,16 +372,6 @@ def test_fuzz_h5_mutations_long(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- torch: malicious pickles
 
 
-def _torch_zip(path: Path, pickled: bytes, storages: dict[str, bytes] | None = None) -> Path:
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", pickled)
-        archive.writestr("archive/byteorder", "little")
-        for key, data in (storages or {}).items():
-            archive.writestr(f"archive/data/{key}", data)
-        archive.writestr("archive/version", "3\n")
-    return path
-
-
 class _Payload:
     def __init__(self, reduce_value):
         self.reduce_value = reduce_value
@@ -410,7 +401,7 @@ def _payloads(marker: Path) -> dict[str, tuple[object, int, str]]:
 def test_malicious_pickle_refused_by_name(tmp_path: Path, case: str) -> None:
     marker = tmp_path / "PWNED"
     payload, protocol, global_name = _payloads(marker)[case]
-    path = _torch_zip(tmp_path / "evil.pt", pickle.dumps(payload, protocol=protocol))
+    path = torch_zip(tmp_path / "evil.pt", pickle.dumps(payload, protocol=protocol))
     with pytest.raises(UnsafeInputError, match=f"refusing to load: pickle calls {global_name}") as error:
         open_checkpoint(path)
     _one_line(error, path)
@@ -443,7 +434,7 @@ def test_non_storage_persistent_id_refused(tmp_path: Path, pid) -> None:
     stream = io.BytesIO()
     _PersistentPickler(stream, pid).dump({"w": _Payload(None)})
     with pytest.raises(UnsafeInputError, match="refusing persistent id"):
-        read_torch(_torch_zip(tmp_path / "p.pt", stream.getvalue()))
+        read_torch(torch_zip(tmp_path / "p.pt", stream.getvalue()))
 
 
 def _storage_pickle(numel: int, key: str = "0", shape=(4,), stride=(1,), offset: int = 0) -> bytes:
@@ -460,7 +451,7 @@ def _storage_pickle(numel: int, key: str = "0", shape=(4,), stride=(1,), offset:
 
 def test_hand_written_storage_pickle_is_valid(tmp_path: Path) -> None:
     data = np.arange(4, dtype=np.float32).tobytes()
-    path = _torch_zip(tmp_path / "ok.pt", _storage_pickle(4), {"0": data})
+    path = torch_zip(tmp_path / "ok.pt", _storage_pickle(4), {"0": data})
     np.testing.assert_array_equal(read_torch(path).tensors["w"].load(), np.arange(4, dtype=np.float32))
 
 
@@ -478,7 +469,7 @@ def test_hand_written_storage_pickle_is_valid(tmp_path: Path) -> None:
 ])
 def test_storage_checks(tmp_path: Path, pkl: bytes, storages: dict, message: str) -> None:
     with pytest.raises(InputError, match=message) as error:
-        read_torch(_torch_zip(tmp_path / "s.pt", pkl, storages))
+        read_torch(torch_zip(tmp_path / "s.pt", pkl, storages))
     _one_line(error, tmp_path / "s.pt")
 
 
@@ -492,7 +483,7 @@ def test_storage_checks(tmp_path: Path, pkl: bytes, storages: dict, message: str
     (b"\x80\x02}", "corrupt or truncated pickle"),
 ])
 def test_abuse_of_allowed_globals(tmp_path: Path, pkl: bytes, message: str | None) -> None:
-    path = _torch_zip(tmp_path / "a.pt", pkl)
+    path = torch_zip(tmp_path / "a.pt", pkl)
     if message is None:
         assert read_torch(path).tensors == {}
         return
@@ -509,7 +500,7 @@ def test_memo_index_past_the_pickle_is_refused_before_the_memo_grows(tmp_path: P
     pkl = b"\x80\x02}r" + struct.pack("<I", 2**26) + b"."
     path = tmp_path / "m.pt"
     if container == "zip":
-        _torch_zip(path, pkl)
+        torch_zip(path, pkl)
     else:
         path.write_bytes(pkl)  # the legacy stream starts with a pickle
     with pytest.raises(InputError, match="malformed checkpoint pickle: memo index 67108864 at opcode 3") as error:
@@ -526,7 +517,7 @@ def test_compressed_storage_refused(tmp_path: Path) -> None:
 
 
 def test_encrypted_member_refused(tmp_path: Path) -> None:
-    path = _torch_zip(tmp_path / "e.pt", _storage_pickle(4), {"0": b"\0" * 16})
+    path = torch_zip(tmp_path / "e.pt", _storage_pickle(4), {"0": b"\0" * 16})
     raw = bytearray(path.read_bytes())
     central = raw.find(b"PK\x01\x02")
     raw[central + 8] |= 0x1  # general purpose flag: encrypted
@@ -556,7 +547,7 @@ def _valid_torch(legacy: bool) -> bytes:
 @FUZZ
 @given(data=st.binary(max_size=600))
 def test_fuzz_torch_random_pickles(tmp_path: Path, data: bytes) -> None:
-    path = _torch_zip(tmp_path / "r.pt", b"\x80\x02" + data, {"0": b"\0" * 16})
+    path = torch_zip(tmp_path / "r.pt", b"\x80\x02" + data, {"0": b"\0" * 16})
     with pytest.raises(InputError):
         _read_all(read_torch, path)
         raise InputError(path, "parsed")  # a random pickle that parses is fine too
