@@ -106,6 +106,12 @@ def _shared_storage_file(path: Path) -> tuple[Path, bytes]:
     return path, base.numpy().tobytes()
 
 
+def _member_data(raw: bytes, header_offset: int) -> int:
+    """Where a zip member's data starts: after its local header, by that header's own lengths."""
+    name_len, extra_len = struct.unpack_from("<2H", raw, header_offset + 26)
+    return header_offset + 30 + name_len + extra_len
+
+
 def _corrupt(path: Path, data: bytes, at: int) -> None:
     raw = bytearray(path.read_bytes())
     raw[raw.find(data) + at] ^= 0x01
@@ -151,8 +157,7 @@ def test_a_corrupt_small_member_is_found_by_verify_unread(tmp_path: Path) -> Non
     raw = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
         offset = archive.getinfo("small/version").header_offset
-    name_len, extra_len = struct.unpack_from("<2H", raw, offset + 26)
-    raw[offset + 30 + name_len + extra_len] ^= 0x01
+    raw[_member_data(raw, offset)] ^= 0x01
     path.write_bytes(bytes(raw))
     checkpoint = read_torch(path)
     checkpoint.tensors["w"].load()
@@ -178,8 +183,7 @@ def test_a_corrupt_deflate_stream_in_an_npz_is_refused_as_corrupt(tmp_path: Path
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo("w.npy")
-    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
-    start = info.header_offset + 30 + name_length + extra_length  # the local header's own lengths
+    start = _member_data(data, info.header_offset)
     data[start:start + 8] = b"\xff" * 8  # the first deflate block's header: invalid
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"member 'w\.npy': truncated or corrupt \(Error -3 while decompressing"):
