@@ -24,23 +24,14 @@ PARITY_FILE = "parity.json"
 SUMS_MISSING = f"{SUMS_FILE}: missing (no checksums to verify against)"
 
 
-def listed_sums(folder: Path) -> dict[str, str]:
-    """`{file name: sha256}` as SHA256SUMS lists them (empty when it is absent)."""
-    path = folder / SUMS_FILE
-    if not path.is_file():
-        return {}
-    pairs = (line.split("  ", 1) for line in path.read_text().splitlines() if line.strip())
-    return {name: digest for digest, name in pairs}
-
-
 def checksum_problems(folder: Path) -> list[str]:
     """One line per file that is changed, missing, or not listed in SHA256SUMS (or one saying that
     SHA256SUMS itself is missing)."""
-    from converters.writer import check_sha256sums
+    from converters.writer import check_sha256sums, listed_sha256sums
 
     if not (folder / SUMS_FILE).is_file():
         return [SUMS_MISSING]
-    listed = listed_sums(folder)
+    listed = listed_sha256sums(folder)
     problems = []
     for name in check_sha256sums(folder):
         if name not in listed:

@@ -93,21 +93,22 @@ def read_evals(path: Path, folder: Path) -> list[dict[str, Any]]:
 
 def _same_weights(folder: Path, other: Path) -> bool:
     """True when both folders list the same weight files with the same sha256 (or are one folder)."""
-    from parity.verify import listed_sums
+    from converters.writer import listed_sha256sums
 
     if folder.resolve() == other.resolve():
         return True
     weights = lambda sums: {n: h for n, h in sums.items() if n.endswith(".safetensors")}  # noqa: E731
-    return weights(listed_sums(folder)) == weights(listed_sums(other))
+    return weights(listed_sha256sums(folder)) == weights(listed_sha256sums(other))
 
 
 def staged_files(folder: Path, evals: list[dict[str, Any]], repo_id: str) -> dict[str, bytes | Path]:
     """`{path in repo: content}`: every listed file, the regenerated README.md and the updated SHA256SUMS."""
+    from converters.writer import listed_sha256sums
     from parity.card import CARD_FILE, model_card
-    from parity.verify import SUMS_FILE, listed_sums
+    from parity.verify import SUMS_FILE
 
     card = model_card(folder, evals, None, model_id=repo_id).encode()
-    sums = listed_sums(folder) | {CARD_FILE: hashlib.sha256(card).hexdigest()}
+    sums = listed_sha256sums(folder) | {CARD_FILE: hashlib.sha256(card).hexdigest()}
     listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())).encode()
     files: dict[str, bytes | Path] = {name: folder / name for name in sorted({*sums, SUMS_FILE})}
     return files | {CARD_FILE: card, SUMS_FILE: listing}

@@ -12,7 +12,7 @@ import torch
 
 from checkpoints.synthetic import bit_arrays, write_bit_npz
 from converters.errors import InputError
-from converters.writer import check_sha256sums, write_sha256sums
+from converters.writer import check_sha256sums, listed_sha256sums, write_sha256sums
 from parity.card import model_card, write_card
 from parity.inputs import photo_path
 from parityport.cli import main
@@ -188,7 +188,7 @@ def test_sharded_folder_loads_identically_and_is_fully_checksummed(folder, shard
     from transformers import AutoModelForImageClassification
 
     from converters.shards import INDEX_FILE, read_metadata, weight_files
-    from parity.verify import listed_sums, verify
+    from parity.verify import verify
 
     shards = weight_files(sharded)
     assert len(shards) > 3 and not (sharded / "model.safetensors").exists()
@@ -203,7 +203,7 @@ def test_sharded_folder_loads_identically_and_is_fully_checksummed(folder, shard
             assert len(f.keys()) == 1 or sum(f.get_tensor(k).nbytes for k in f.keys()) <= 100_000, name
     assert all(m == metas[0] for m in metas) and metas[0] == read_metadata(sharded)
     assert metas[0]["source_file"] == "tiny.npz"
-    assert set(listed_sums(sharded)) >= set(shards) | {INDEX_FILE, "README.md"} and check_sha256sums(sharded) == []
+    assert set(listed_sha256sums(sharded)) >= set(shards) | {INDEX_FILE, "README.md"} and check_sha256sums(sharded) == []
     a = AutoModelForImageClassification.from_pretrained(str(folder)).eval()
     b = AutoModelForImageClassification.from_pretrained(str(sharded)).eval()
     sa, sb = a.state_dict(), b.state_dict()
